@@ -1,0 +1,94 @@
+"""The array-module switch: which kernels, array module, dtype and random stream layers use.
+
+A `Backend` is passed to every layer at construction; `set_backend` / `use_backend` choose the
+default for code that does not pass one. The environment variable FASTVAE_BACKEND picks the
+default at start-up ("numpy" otherwise).
+"""
+import contextlib
+import os
+
+import numpy as np
+
+from fastvae import kernels
+
+DTYPES = ("float32", "float64")
+
+
+class Backend:
+    """Kernels of one backend plus the array module, dtype and random generator they work on."""
+
+    def __init__(self, name="numpy", dtype="float32", seed=None):
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.name = name
+        self.ops = kernels.load(name)
+        self.xp = self.ops.xp
+        self.dtype = np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+
+    def __repr__(self):
+        return f"Backend({self.name!r}, dtype={self.dtype.name!r})"
+
+    def empty(self, shape):
+        return self.xp.empty(shape, dtype=self.dtype)
+
+    def zeros(self, shape):
+        return self.xp.zeros(shape, dtype=self.dtype)
+
+    def asarray(self, array):
+        """A host or device array as this backend's array of its dtype (no copy if it is one)."""
+        return self.xp.asarray(array, dtype=self.dtype)
+
+    def to_numpy(self, array):
+        """A NumPy copy of a backend array (for saving, plotting and tests)."""
+        return array.get() if hasattr(array, "get") else np.array(array)
+
+    def standard_normal(self, out):
+        """Fill `out` with N(0, 1) noise from the backend's generator, host-drawn for repeatability."""
+        if self.xp is np:
+            self.rng.standard_normal(out=out, dtype=self.dtype)
+        else:
+            out[...] = self.xp.asarray(self.rng.standard_normal(out.shape, dtype=self.dtype))
+        return out
+
+
+_current = None
+
+
+def available_backends():
+    """Names of the backends that work on this machine."""
+    return kernels.available()
+
+
+def set_backend(name="numpy", dtype="float32", seed=None):
+    """Make a new default backend and return it."""
+    global _current
+    _current = Backend(name, dtype, seed)
+    return _current
+
+
+def get_backend():
+    """The default backend, made from FASTVAE_BACKEND on first use."""
+    if _current is None:
+        set_backend(os.environ.get("FASTVAE_BACKEND", "numpy"))
+    return _current
+
+
+def resolve(backend):
+    """A Backend from None (the default), a name, or a Backend."""
+    if backend is None:
+        return get_backend()
+    if isinstance(backend, str):
+        return Backend(backend)
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(name="numpy", dtype="float32", seed=None):
+    """Temporarily switch the default backend."""
+    global _current
+    previous = _current
+    try:
+        yield set_backend(name, dtype, seed)
+    finally:
+        _current = previous

@@ -1,0 +1,107 @@
+"""The one configuration dataclass: every hyper-parameter of the model and of training.
+
+A copy is saved with every checkpoint; the CLI builds a flag for each field.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from fastvae.kernels import ACTIVATIONS
+
+RECONSTRUCTIONS = ("pixel", "feature")
+MODES = ("vaegan", "vae")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class Config:
+    # --- model ---
+    image_size: int = 784                     # pixels per image (28 x 28 for MNIST)
+    latent_dim: int = 128                     # size of z, and of the mu and log-variance heads
+    encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
+    decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
+    discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
+    activation: str = "relu"                  # hidden activation of encoder and decoder
+    discriminator_activation: str = "relu"    # hidden activation of the discriminator
+    init: str = "he"                          # weight initialisation: he | glorot
+    mode: str = "vaegan"                      # vaegan, or vae (no discriminator) for comparison
+    reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
+    feature_layer: int = -1                   # discriminator hidden layer for feature similarity
+    gamma: float = 1.0                        # weight of reconstruction vs adversarial in the decoder
+    # --- optimisation ---
+    optimizer: str = "adam"                   # adam | sgd, one per network
+    lr_encoder: float = 2e-4
+    lr_decoder: float = 2e-4
+    lr_discriminator: float = 2e-4
+    betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
+    betas_decoder: tuple = (0.5, 0.999)
+    betas_discriminator: tuple = (0.5, 0.999)
+    # --- training ---
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    dtype: str = "float32"                    # float32 | float64
+    backend: str = "numpy"                    # numpy | numba | cupy
+    dataset: str = "mnist"                    # mnist | fashion-mnist
+    train_limit: int = 0                      # use only the first N training images (0: all)
+    test_limit: int = 0                       # use only the first N test images (0: all)
+    extras: dict = field(default_factory=dict)  # free-form notes saved with the run
+
+    def __post_init__(self):
+        for name in ("encoder_widths", "decoder_widths", "discriminator_widths",
+                     "betas_encoder", "betas_decoder", "betas_discriminator"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first setting that cannot work."""
+        checks = [
+            (self.image_size >= 1, "image_size must be at least 1"),
+            (self.latent_dim >= 1, "latent_dim must be at least 1"),
+            (all(w >= 1 for w in self.encoder_widths + self.decoder_widths
+                 + self.discriminator_widths), "layer widths must be at least 1"),
+            (len(self.encoder_widths) >= 1, "the encoder needs at least one hidden layer"),
+            (len(self.discriminator_widths) >= 1, "the discriminator needs a hidden layer"),
+            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
+            (self.discriminator_activation in ACTIVATIONS,
+             f"unknown activation {self.discriminator_activation!r}"),
+            (self.init in ("he", "glorot"), f"unknown init {self.init!r}: use he or glorot"),
+            (self.mode in MODES, f"unknown mode {self.mode!r}: use vaegan or vae"),
+            (self.reconstruction in RECONSTRUCTIONS,
+             f"unknown reconstruction {self.reconstruction!r}: use pixel or feature"),
+            (self.mode == "vaegan" or self.reconstruction == "pixel",
+             "feature reconstruction needs the discriminator: use mode vaegan"),
+            (-len(self.discriminator_widths) <= self.feature_layer < len(self.discriminator_widths),
+             f"feature_layer {self.feature_layer} is not a discriminator hidden layer"),
+            (self.gamma >= 0, "gamma must be non-negative"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
+            (min(self.lr_encoder, self.lr_decoder, self.lr_discriminator) > 0,
+             "learning rates must be positive"),
+            (all(0 <= b < 1 for b in self.betas_encoder + self.betas_decoder
+                 + self.betas_discriminator), "betas must lie in [0, 1)"),
+            (self.epochs >= 0, "epochs must be non-negative"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),
+            (self.train_limit >= 0 and self.test_limit >= 0, "limits must be non-negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A Config from a mapping; an unknown key is an error, not silently ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,246 @@
+"""Layers with hand-written forward and backward passes, and a sequential container.
+
+Every layer computes through the kernels of the backend it was built with. A layer keeps what
+its backward needs (Linear: its input and output; activations: their output) and owns the
+arrays it returns: the next forward or backward call overwrites them, so steady-state training
+allocates nothing.
+"""
+import numpy as np
+
+from fastvae.backend import resolve
+from fastvae.kernels import ACTIVATIONS
+
+INITS = ("he", "glorot")
+
+
+class Layer:
+    """Base class: buffer reuse, and no parameters unless a subclass has them."""
+
+    def __init__(self, backend=None):
+        self.backend = resolve(backend)
+        self._buffers = {}
+
+    def buffer(self, name, shape):
+        """An array owned by this layer, allocated once per (name, shape) and then reused."""
+        key = (name, tuple(shape))
+        array = self._buffers.get(key)
+        if array is None:
+            array = self._buffers[key] = self.backend.empty(shape)
+        return array
+
+    def parameters(self):
+        """(name, array) pairs of the trainable arrays."""
+        return []
+
+    def gradients(self):
+        """(name, array) pairs of the gradients, in the order of `parameters`."""
+        return []
+
+
+class Linear(Layer):
+    """y = activation(x @ weight + bias); `activation` is set when a container fuses one in."""
+
+    def __init__(self, in_features, out_features, *, init="he", rng=None, backend=None):
+        super().__init__(backend)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear sizes must be positive, got {in_features} -> {out_features}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.activation = "identity"
+        rng = rng if rng is not None else np.random.default_rng()
+        if init == "he":
+            weight = rng.standard_normal((in_features, out_features)) * np.sqrt(2.0 / in_features)
+        else:
+            limit = np.sqrt(6.0 / (in_features + out_features))
+            weight = rng.uniform(-limit, limit, (in_features, out_features))
+        self.weight = self.backend.asarray(weight)
+        self.bias = self.backend.zeros(out_features)
+        self.grad_weight = self.backend.zeros((in_features, out_features))
+        self.grad_bias = self.backend.zeros(out_features)
+        self._input = self._output = None
+
+    def __repr__(self):
+        fused = "" if self.activation == "identity" else f", {self.activation}"
+        return f"Linear({self.in_features}, {self.out_features}{fused})"
+
+    def parameters(self):
+        return [("weight", self.weight), ("bias", self.bias)]
+
+    def gradients(self):
+        return [("weight", self.grad_weight), ("bias", self.grad_bias)]
+
+    def forward(self, x):
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{self!r} expects input (batch, {self.in_features}), got {x.shape}")
+        out = self.buffer("out", (x.shape[0], self.out_features))
+        self.backend.ops.dense_forward(x, self.weight, self.bias, self.activation, out)
+        self._input, self._output = x, out
+        return out
+
+    def backward(self, grad_out, *, rows=None, input_grad=True, param_grads=True):
+        """Gradient with respect to the input (None if not asked); parameter gradients stored.
+
+        `rows` restricts the pass to a slice of the batch of the last forward call.
+        """
+        x, y = self._input, self._output
+        if rows is not None:
+            x, y = x[rows], y[rows]
+        scratch = self.buffer("scratch", grad_out.shape)
+        grad_in = self.buffer("grad_in", x.shape) if input_grad else None
+        self.backend.ops.dense_backward(
+            grad_out, x, y, self.weight, self.activation,
+            self.grad_weight if param_grads else None,
+            self.grad_bias if param_grads else None,
+            grad_in, scratch,
+        )
+        return grad_in
+
+
+class Activation(Layer):
+    """An elementwise activation, differentiated through its output."""
+
+    name = "identity"
+
+    def __init__(self, backend=None):
+        super().__init__(backend)
+        self._output = None
+
+    def __repr__(self):
+        return type(self).__name__ + "()"
+
+    def forward(self, x):
+        out = self.buffer("out", x.shape)
+        self._output = self.backend.ops.activation_forward(self.name, x, out)
+        return out
+
+    def backward(self, grad_out, *, rows=None, input_grad=True, param_grads=True):
+        y = self._output if rows is None else self._output[rows]
+        grad_in = self.buffer("grad_in", grad_out.shape)
+        return self.backend.ops.activation_backward(self.name, y, grad_out, grad_in)
+
+
+class ReLU(Activation):
+    name = "relu"
+
+
+class LeakyReLU(Activation):
+    """max(x, 0.2 x)."""
+
+    name = "leaky_relu"
+
+
+class Sigmoid(Activation):
+    name = "sigmoid"
+
+
+class Tanh(Activation):
+    name = "tanh"
+
+
+ACTIVATION_LAYERS = {cls.name: cls for cls in (ReLU, LeakyReLU, Sigmoid, Tanh)}
+assert set(ACTIVATION_LAYERS) | {"identity"} == set(ACTIVATIONS)
+
+
+def activation_layer(name, backend=None):
+    """The activation layer called `name` ("relu", "leaky_relu", "sigmoid", "tanh")."""
+    if name not in ACTIVATION_LAYERS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATION_LAYERS)}")
+    return ACTIVATION_LAYERS[name](backend)
+
+
+class NeuralNetwork:
+    """A sequence of layers; a Linear followed by an activation runs as one fused kernel.
+
+    A final Sigmoid stays a layer of its own so that `logits=True` can stop before it and hand
+    the logits to a loss in the stable logits form.
+    """
+
+    def __init__(self, layers=(), backend=None):
+        self.backend = resolve(backend)
+        self.layers = []
+        self._stages = None
+        self.stage_outputs = []
+        for layer in layers:
+            self.add(layer)
+
+    def __repr__(self):
+        return "NeuralNetwork(" + ", ".join(map(repr, self.layers)) + ")"
+
+    def add(self, layer):
+        self.layers.append(layer)
+        self._stages = None
+        return self
+
+    def stages(self):
+        """The layers as run: Linears with their following activation fused in."""
+        if self._stages is None:
+            self._stages = []
+            for index, layer in enumerate(self.layers):
+                previous = self._stages[-1] if self._stages else None
+                last = index == len(self.layers) - 1
+                fusable = isinstance(layer, Activation) and not (last and isinstance(layer, Sigmoid))
+                if fusable and isinstance(previous, Linear) and previous.activation == "identity":
+                    previous.activation = layer.name
+                else:
+                    self._stages.append(layer)
+        return self._stages
+
+    def _run_stages(self, logits):
+        stages = self.stages()
+        if logits:
+            if not isinstance(stages[-1], Sigmoid):
+                raise ValueError("logits=True needs a network that ends with Sigmoid")
+            return stages[:-1]
+        return stages
+
+    def forward(self, x, *, logits=False):
+        """The network's output, or the input of its final Sigmoid when `logits`."""
+        self.stage_outputs = []
+        for stage in self._run_stages(logits):
+            x = stage.forward(x)
+            self.stage_outputs.append(x)
+        return x
+
+    def backward(self, grad, *, logits=False, rows=None, input_grad=True, param_grads=True,
+                 start=None, inject=None):
+        """Back-propagate `grad` (at the output, or at stage `start`'s output) to the input.
+
+        `inject` maps a stage index to a gradient added at that stage's output; `input_grad`
+        False skips the first layer's input gradient; `param_grads` False leaves parameter
+        gradients alone (a pass that only carries a gradient through).
+        """
+        stages = self._run_stages(logits)
+        start = len(stages) - 1 if start is None else start % len(stages)
+        inject = inject or {}
+        for index in range(start, -1, -1):
+            if index in inject:
+                grad = grad + inject[index]
+            grad = stages[index].backward(
+                grad, rows=rows, input_grad=input_grad or index > 0, param_grads=param_grads
+            )
+        return grad
+
+    def linears(self):
+        return [layer for layer in self.layers if isinstance(layer, Linear)]
+
+
+def pack_parameters(linears, backend):
+    """Move the parameters and gradients of `linears` into two flat buffers and return them.
+
+    Each layer keeps views into the buffers, so an optimizer updates a whole network in one
+    kernel call.
+    """
+    sizes = [layer.weight.size + layer.bias.size for layer in linears]
+    params = backend.empty(sum(sizes))
+    grads = backend.zeros(sum(sizes))
+    offset = 0
+    for layer in linears:
+        for name in ("weight", "bias"):
+            value = getattr(layer, name)
+            end = offset + value.size
+            params[offset:end] = value.reshape(-1)
+            setattr(layer, name, params[offset:end].reshape(value.shape))
+            setattr(layer, "grad_" + name, grads[offset:end].reshape(value.shape))
+            offset = end
+    return params, grads

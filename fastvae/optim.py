@@ -1,0 +1,49 @@
+"""Optimizers over one flat parameter buffer each, so a network updates in one kernel call."""
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) with bias correction; defaults as DCGAN and VAE-GAN use them."""
+
+    def __init__(self, params, grads, *, lr=2e-4, betas=(0.5, 0.999), eps=1e-8, backend):
+        self.params, self.grads, self.backend = params, grads, backend
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.step_count = 0
+        self.exp_avg = backend.zeros(params.shape)
+        self.exp_avg_sq = backend.zeros(params.shape)
+
+    def step(self):
+        self.step_count += 1
+        self.backend.ops.adam_update(
+            self.params, self.grads, self.exp_avg, self.exp_avg_sq,
+            self.lr, self.betas[0], self.betas[1], self.eps, self.step_count,
+        )
+
+    def state(self):
+        """Arrays and counters to checkpoint (arrays stay on the backend)."""
+        return {"step_count": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_state(self, state):
+        self.step_count = int(state["step_count"])
+        self.exp_avg[...] = self.backend.asarray(state["exp_avg"])
+        self.exp_avg_sq[...] = self.backend.asarray(state["exp_avg_sq"])
+
+
+class SGD:
+    """Stochastic gradient descent with heavy-ball momentum."""
+
+    def __init__(self, params, grads, *, lr=1e-2, momentum=0.9, backend):
+        self.params, self.grads, self.backend = params, grads, backend
+        self.lr, self.momentum = lr, momentum
+        self.step_count = 0
+        self.velocity = backend.zeros(params.shape)
+
+    def step(self):
+        self.step_count += 1
+        self.backend.ops.sgd_update(self.params, self.grads, self.velocity, self.lr, self.momentum)
+
+    def state(self):
+        return {"step_count": self.step_count, "velocity": self.velocity}
+
+    def load_state(self, state):
+        self.step_count = int(state["step_count"])
+        self.velocity[...] = self.backend.asarray(state["velocity"])
