@@ -7,12 +7,12 @@ truncated, corrupted or foreign file is refused with a clear message instead of 
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from fastvae.files import write_atomic
 
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
@@ -38,22 +38,6 @@ def model_arrays(model):
             if key != "step_count":
                 arrays[f"optimizer/{name}/{key}"] = model.backend.to_numpy(value)
     return arrays
-
-
-def write_atomic(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save(path, model, extra=None):

@@ -1,10 +1,10 @@
 """PNG pictures of digits and training curves, written atomically."""
 
 import math
-import os
-import secrets
 
 import numpy as np
+
+from fastvae.files import write_atomic
 
 
 def _as_image_stack(images):
@@ -43,26 +43,6 @@ def tile_images(images, ncols=None, pad=2, pad_value=1.0):
     return mosaic
 
 
-def _write_atomically(path, write):
-    """Call write(file) on a temp file beside path, then rename it over path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temp_path = os.path.join(
-        folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    )
-    try:
-        with open(temp_path, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
-
-
 def _title_band(title, width):
     """Return a white grayscale PIL strip of the given width with the title in black."""
     from PIL import Image, ImageDraw, ImageFont
@@ -97,7 +77,7 @@ def _mosaic_picture(mosaic, title, scale):
 def _save_mosaic(path, mosaic, title, scale):
     """Write a mosaic as a grayscale PNG at path, atomically."""
     picture = _mosaic_picture(mosaic, title, scale)
-    _write_atomically(path, lambda handle: picture.save(handle, format="PNG"))
+    write_atomic(path, lambda handle: picture.save(handle, format="PNG"))
 
 
 def save_grid(path, images, ncols=None, title=None, scale=4, pad=2):
@@ -167,5 +147,5 @@ def plot_curves(path, series, title, xlabel="epoch", ylabel="loss", x=None):
     if drawn:
         axes.legend()
     figure.tight_layout()
-    _write_atomically(path, lambda handle: figure.savefig(handle, format="png"))
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
     return drawn

@@ -1,0 +1,219 @@
+"""The `fastvae` command: a thin layer of flags over library calls.
+
+train, reconstruct, sample, evaluate, bench, gradcheck; `fastvae COMMAND --help` for each.
+A user's mistake ends in one line on stderr and exit status 2, never a traceback
+(set FASTVAE_DEBUG=1 to see one).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+from fastvae import kernels
+from fastvae.checkpoint import CheckpointError
+from fastvae.config import Config
+from fastvae.data import DataError
+from fastvae.images import ImageError
+from fastvae.trainer import TrainingError
+
+USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
+               kernels.BackendUnavailable, FileNotFoundError, PermissionError,
+               IsADirectoryError, NotADirectoryError, tomllib.TOMLDecodeError)
+
+
+def _add_config_flags(parser):
+    """One flag per Config field, absent from the namespace unless given."""
+    group = parser.add_argument_group("model and training settings (defaults: fastvae.Config)")
+    for field in dataclasses.fields(Config):
+        if field.name == "extras":
+            continue
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"default {default!r}"
+        if isinstance(default, tuple):
+            group.add_argument(flag, type=type(default[0]), nargs="+", help=help_text,
+                               default=argparse.SUPPRESS, metavar="N")
+        else:
+            group.add_argument(flag, type=type(default), help=help_text, default=argparse.SUPPRESS)
+
+
+def build_config(args, base=None):
+    """Config from `base` (or the defaults), then the TOML file, then the flags given."""
+    values = (base or Config()).to_dict()
+    if getattr(args, "config", None):
+        with open(args.config, "rb") as file:
+            values.update(tomllib.load(file))
+    names = {field.name for field in dataclasses.fields(Config)}
+    values.update({name: value for name, value in vars(args).items() if name in names})
+    return Config.from_dict(values)
+
+
+def cmd_train(args):
+    from fastvae import trainer
+    base = trainer.saved_config(args.run_dir) if args.resume else None
+    config = build_config(args, base)
+    run = trainer.Trainer(config, args.run_dir, data_dir=args.data_dir,
+                          download=not args.no_download, progress=not args.quiet)
+    metrics = run.fit(resume=args.resume)
+    if metrics:
+        last = metrics[-1]
+        print(f"trained {last['epoch']} epochs: test BCE {last['test_bce']:.2f} nats/image, "
+              f"test MSE {last['test_mse']:.4f}; outputs in {args.run_dir}")
+    return 0
+
+
+def _load_model(args):
+    from fastvae.model import VAEGAN
+    return VAEGAN.load(args.checkpoint, args.backend)
+
+
+def cmd_reconstruct(args):
+    from fastvae import data, evaluate, images, viz
+    model = _load_model(args)
+    if args.images:
+        originals, names = images.load_digits(args.images), [str(p) for p in args.images]
+    else:
+        test, _ = data.load_split(model.config.dataset, "test", args.data_dir,
+                                  not args.no_download)
+        indices = args.indices or list(range(16))
+        bad = [i for i in indices if not 0 <= i < len(test)]
+        if bad:
+            raise ValueError(f"test-set indices must lie in 0..{len(test) - 1}, got {bad}")
+        originals = data.to_unit_float(test[indices], dtype="float64")
+        names = [f"test[{i}]" for i in indices]
+    recon = model.reconstruct(originals)
+    bce = evaluate.bernoulli_nll(originals, recon)
+    mse = np.mean((recon - originals) ** 2, axis=1)
+    print(f"{'image':<24} {'BCE (nats)':>10} {'MSE':>8}")
+    for name, b, m in zip(names, bce, mse):
+        print(f"{name:<24} {b:>10.2f} {m:>8.4f}")
+    viz.save_comparison(args.output, originals, recon, ncols=min(8, len(originals)),
+                        title="originals and reconstructions")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_sample(args):
+    from fastvae import viz
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    model = _load_model(args)
+    viz.save_grid(args.output, model.sample(args.n, seed=args.seed), title="decoded prior samples")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_evaluate(args):
+    from fastvae import data, evaluate
+    model = _load_model(args)
+    test, _ = data.load_split(model.config.dataset, "test", args.data_dir, not args.no_download,
+                              args.limit or None)
+    results = evaluate.test_metrics(model, data.to_unit_float(test, dtype="float64"))
+    for key, value in results.items():
+        print(f"{key:<24} {value:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_gradcheck(args):
+    from fastvae import gradcheck
+    checks = gradcheck.layer_checks(args.seed) + gradcheck.all_model_checks(args.seed)
+    compared = args.backend or [name for name in kernels.available() if name != "numpy"]
+    for name in compared:
+        for dtype in ("float32", "float64"):
+            checks += gradcheck.compare_kernels(name, dtype, args.seed)
+    print(gradcheck.report(checks))
+    failed = [check for check in checks if not check.ok]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _checkpoint_flags(parser):
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.npz from fastvae train")
+    parser.add_argument("--backend", default=None, help="run on this backend (default: saved one)")
+
+
+def _data_flags(parser):
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the dataset files (default $FASTVAE_DATA or the cache)")
+    parser.add_argument("--no-download", action="store_true", help="never download data")
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(prog="fastvae", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the VAE-GAN, writing pictures and checkpoints")
+    train.add_argument("--config", help="TOML file of settings (flags override it)")
+    train.add_argument("--run-dir", default="runs/mnist", help="where outputs go (default runs/mnist)")
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _data_flags(train)
+    _add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    reconstruct = commands.add_parser("reconstruct", help="reconstruct test images or PNG files")
+    _checkpoint_flags(reconstruct)
+    _data_flags(reconstruct)
+    source = reconstruct.add_mutually_exclusive_group()
+    source.add_argument("--indices", type=int, nargs="+", help="test-set indices (default 0..15)")
+    source.add_argument("--images", type=Path, nargs="+", help="PNG (or other) image files")
+    reconstruct.add_argument("--output", default="reconstructions.png")
+    reconstruct.set_defaults(func=cmd_reconstruct)
+
+    sample = commands.add_parser("sample", help="decode samples of the prior into a grid")
+    _checkpoint_flags(sample)
+    sample.add_argument("-n", type=int, default=64, help="how many (default 64)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--output", default="samples.png")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = commands.add_parser("evaluate", help="test-set reconstruction error, KL and ELBO")
+    _checkpoint_flags(evaluate)
+    _data_flags(evaluate)
+    evaluate.add_argument("--limit", type=int, default=0, help="first N test images (0: all)")
+    evaluate.add_argument("--json", help="also write the results to this JSON file")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    gradcheck = commands.add_parser("gradcheck", help="check gradients and backend kernels")
+    gradcheck.add_argument("--backend", action="append",
+                           help="compare this backend's kernels with numpy (default: all found)")
+    gradcheck.add_argument("--seed", type=int, default=0)
+    gradcheck.set_defaults(func=cmd_gradcheck)
+
+    try:
+        from fastvae import bench
+    except ImportError:
+        bench = None
+    if bench is not None:
+        bench_parser = commands.add_parser("bench", help="benchmark the backends (pytest-benchmark)")
+        bench.add_arguments(bench_parser)
+        bench_parser.set_defaults(func=bench.main)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        if os.environ.get("FASTVAE_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastvae {args.command}: interrupted; the last checkpoint written is intact",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

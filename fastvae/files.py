@@ -1,0 +1,20 @@
+"""Atomic file replacement: a crash mid-write never leaves a half-written file behind."""
+import os
+import secrets
+from pathlib import Path
+
+
+def write_atomic(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

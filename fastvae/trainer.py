@@ -1,0 +1,218 @@
+"""The training loop: data in, a trained model, metrics, pictures and checkpoints out.
+
+Everything the `fastvae train` command does is here, callable from Python:
+`Trainer(config, run_dir).fit()`.
+"""
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fastvae import checkpoint, data, viz
+from fastvae.config import Config
+from fastvae.evaluate import bernoulli_nll
+from fastvae.files import write_atomic
+from fastvae.model import VAEGAN
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.csv"
+PICTURES = ("real.png", "reconstructions.png", "samples.png", "discriminator_losses.png",
+            "losses.png", "interpolation.png")
+LOSS_KEYS = ("discriminator", "disc_real", "disc_fake", "kl", "reconstruction", "adversarial",
+             "encoder", "decoder")
+METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "seconds",
+                                                  "samples_per_s")
+SHOWN = 64
+RESUMABLE = ("epochs", "backend")  # settings a resumed run may change
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable run directory)."""
+
+
+def reconstruction_errors(model, images, batch_size=1000):
+    """Mean per-image BCE (nats) and per-pixel MSE of the model's reconstructions of `images`."""
+    recon = np.concatenate([model.reconstruct(images[start:start + batch_size])
+                            for start in range(0, len(images), batch_size)])
+    return float(np.mean(bernoulli_nll(images, recon))), float(np.mean((recon - images) ** 2))
+
+
+def interpolation_rows(model, images, steps=10):
+    """Decoded straight lines in latent space between consecutive pairs of `images`."""
+    mu, _ = model.encode(images)
+    weights = np.linspace(0.0, 1.0, steps)[:, None]
+    return [model.decode((1 - weights) * mu[i] + weights * mu[i + 1])
+            for i in range(0, len(mu) - 1, 2)]
+
+
+class Trainer:
+    """Trains a VAEGAN on an MNIST-style dataset, writing everything into `run_dir`."""
+
+    def __init__(self, config, run_dir, data_dir=None, download=True, progress=True,
+                 log_every=50):
+        self.config, self.run_dir = config, Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TrainingError(f"run directory {self.run_dir} is a file: choose another --run-dir")
+        self.data_dir, self.download = data_dir, download
+        self.progress, self.log_every = progress, log_every
+        self.model = None
+        self.epoch = 0
+        self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
+        self.metrics = []        # one row per epoch
+        self.order_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])
+
+    # ----- setup -----
+
+    def load_data(self):
+        """Training and test images as [0, 1] floats, moved to the backend once."""
+        limit = self.config.train_limit or None
+        train, _ = data.load_split(self.config.dataset, "train", self.data_dir, self.download,
+                                   limit)
+        test, _ = data.load_split(self.config.dataset, "test", self.data_dir, self.download,
+                                  self.config.test_limit or None)
+        if len(train) < self.config.batch_size:
+            raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
+                                f"{len(train)} training images: lower --batch-size")
+        backend = self.model.backend
+        self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
+        self.test_images = data.to_unit_float(test, np, "float64")
+        self.shown = self.test_images[:SHOWN]
+        self.prior_z = np.random.default_rng(self.config.seed).standard_normal(
+            (SHOWN, self.config.latent_dim))
+
+    def start(self, resume=False):
+        """Build the model, or restore it and the run's state from the run's checkpoint."""
+        path = self.run_dir / CHECKPOINT
+        if not (resume and path.exists()):
+            self.model = VAEGAN(self.config)
+            self.config = self.model.config
+            return
+        header, arrays = checkpoint.read(path)
+        saved = Config.from_dict(header["config"])
+        changed = [f"{key} {value!r} -> {getattr(self.config, key)!r}"
+                   for key, value in saved.to_dict().items()
+                   if key not in RESUMABLE and value != self.config.to_dict()[key]]
+        if changed:
+            raise TrainingError(f"--resume continues {path} with its own settings, but these "
+                                f"differ: {'; '.join(changed)}. Drop those flags, or train "
+                                f"into a new --run-dir")
+        self.model = VAEGAN(self.config)
+        self.config = self.model.config
+        checkpoint.restore(self.model, header, arrays, path)
+        extra = header["extra"]
+        self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
+        self.order_rng.bit_generator.state = extra["order_rng"]
+
+
+    # ----- loop -----
+
+    def fit(self, resume=False):
+        """Train for config.epochs epochs (from the last checkpoint when resuming)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start(resume)
+        self.load_data()
+        if self.epoch == 0:
+            viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8, title="real test images")
+        while self.epoch < self.config.epochs:
+            self.train_epoch()
+            self.write_outputs()
+        return self.metrics
+
+    def train_epoch(self):
+        """One pass over the shuffled training set."""
+        batch_size = self.config.batch_size
+        steps = data.num_batches(len(self.train_images), batch_size)
+        sums, count, started = {}, 0, time.perf_counter()
+        epoch_sums = {}
+        bar = tqdm(data.iterate_batches(self.train_images, batch_size, self.order_rng),
+                   total=steps, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not self.progress, leave=False)
+        for step, batch in enumerate(bar, 1):
+            for key, value in self.model.train_step(batch).items():
+                sums[key] = sums[key] + value if key in sums else value
+            count += 1
+            if count == self.log_every or step == steps:
+                means = self._read_means(sums, count, step)
+                for key, value in means.items():
+                    epoch_sums[key] = epoch_sums.get(key, 0.0) + value * count
+                self.history.append({"epoch": self.epoch + step / steps, **means})
+                rate = step * batch_size / (time.perf_counter() - started)
+                bar.set_postfix(rec=f"{means['reconstruction']:.1f}", kl=f"{means['kl']:.1f}",
+                                disc=f"{means.get('discriminator', float('nan')):.3f}",
+                                img_s=f"{rate:.0f}")
+                sums, count = {}, 0
+        bar.close()
+        seconds = time.perf_counter() - started
+        self.epoch += 1
+        test_bce, test_mse = reconstruction_errors(self.model, self.test_images)
+        row = {"epoch": self.epoch, "steps": steps,
+               **{key: epoch_sums.get(key, float("nan")) / steps for key in LOSS_KEYS},
+               "test_bce": test_bce, "test_mse": test_mse, "seconds": seconds,
+               "samples_per_s": steps * batch_size / seconds}
+        self.metrics.append(row)
+        if self.progress:
+            tqdm.write(f"epoch {self.epoch}: reconstruction {row['reconstruction']:.2f} "
+                       f"kl {row['kl']:.2f} test BCE {test_bce:.2f} ({seconds:.1f} s)")
+        return row
+
+    def _read_means(self, sums, count, step):
+        """Running means of the losses (the one host read per logging interval)."""
+        means = {key: float(value) / count for key, value in sums.items()}
+        bad = [key for key, value in means.items() if not math.isfinite(value)]
+        if bad:
+            raise TrainingError(
+                f"non-finite {', '.join(bad)} loss at epoch {self.epoch + 1}, step {step}: "
+                f"training diverged; lower the learning rates (e.g. --lr-discriminator) and "
+                f"resume from the last checkpoint with --resume")
+        return means
+
+    # ----- outputs -----
+
+    def write_outputs(self):
+        """metrics.csv, the pictures and the checkpoint, each replaced atomically."""
+        self.write_metrics()
+        self.write_pictures()
+        self.save_checkpoint()
+
+    def write_metrics(self):
+        def write(file):
+            import io
+            text = io.StringIO()
+            writer = csv.DictWriter(text, METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.metrics)
+            file.write(text.getvalue().encode())
+        write_atomic(self.run_dir / METRICS, write)
+
+    def write_pictures(self):
+        model, out = self.model, self.run_dir
+        viz.save_comparison(out / "reconstructions.png", self.shown[:32],
+                            model.reconstruct(self.shown[:32]), ncols=8,
+                            title=f"test images and reconstructions, epoch {self.epoch}")
+        viz.save_grid(out / "samples.png", model.decode(self.prior_z), ncols=8,
+                      title=f"decoded prior samples, epoch {self.epoch}")
+        viz.save_rows(out / "interpolation.png", interpolation_rows(model, self.shown[:16]),
+                      title="latent interpolation between test images")
+        x = [h["epoch"] for h in self.history]
+        curves = lambda keys: {k: [h.get(k, float("nan")) for h in self.history] for k in keys}
+        if self.model.discriminator is not None:
+            viz.plot_curves(out / "discriminator_losses.png",
+                            curves(("discriminator", "disc_real", "disc_fake")),
+                            "discriminator losses", x=x)
+        viz.plot_curves(out / "losses.png",
+                        curves(("reconstruction", "kl", "adversarial", "encoder", "decoder")),
+                        "encoder and decoder losses", x=x)
+
+    def save_checkpoint(self):
+        extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,
+                 "order_rng": self.order_rng.bit_generator.state}
+        self.model.save(self.run_dir / CHECKPOINT, extra)
+
+
+def saved_config(run_dir):
+    """The Config of the checkpoint in `run_dir`, or None when there is none."""
+    path = Path(run_dir) / CHECKPOINT
+    return Config.from_dict(checkpoint.read(path)[0]["config"]) if path.exists() else None

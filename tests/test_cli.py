@@ -1,0 +1,111 @@
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastvae import cli
+from fastvae.config import Config
+from fastvae.trainer import PICTURES, Trainer
+
+SMALL = ["--train-limit", "256", "--test-limit", "64", "--batch-size", "32", "--latent-dim", "8",
+         "--encoder-widths", "64", "32", "--decoder-widths", "32", "64",
+         "--discriminator-widths", "64", "16"]
+
+
+def small_config(**overrides):
+    values = dict(train_limit=256, test_limit=64, batch_size=32, latent_dim=8,
+                  encoder_widths=(64, 32), decoder_widths=(32, 64),
+                  discriminator_widths=(64, 16))
+    values.update(overrides)
+    return Config(**values)
+
+
+def test_train_reconstruct_sample_end_to_end(tmp_path, mnist_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--run-dir", str(run), "--data-dir", str(mnist_dir), "--quiet",
+                     "--epochs", "2", *SMALL]) == 0
+    for name in PICTURES + ("metrics.csv", "checkpoint.npz"):
+        assert (run / name).stat().st_size > 0, name
+    with Image.open(run / "real.png") as real:
+        # 64 images in 8 columns of 28 px + 2 px padding, scaled 4x, plus a title band
+        assert real.width == (8 * 30 + 2) * 4 and real.height > (8 * 30 + 2) * 4
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["reconstruction"]) < float(rows[0]["reconstruction"])
+    assert all(np.isfinite(float(r["test_bce"])) for r in rows)
+
+    output = tmp_path / "recon.png"
+    assert cli.main(["reconstruct", "--checkpoint", str(run / "checkpoint.npz"), "--data-dir",
+                     str(mnist_dir), "--indices", "3", "4", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "test[3]" in printed and "test[4]" in printed
+    with Image.open(output) as picture:
+        assert picture.width == (2 * 30 + 2) * 4
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.pad(np.full((12, 6), 255, np.uint8), 8)).save(digit)
+    assert cli.main(["reconstruct", "--checkpoint", str(run / "checkpoint.npz"),
+                     "--images", str(digit), "--output", str(output)]) == 0
+    assert str(digit) in capsys.readouterr().out
+
+    samples = tmp_path / "samples.png"
+    assert cli.main(["sample", "--checkpoint", str(run / "checkpoint.npz"), "-n", "9",
+                     "--output", str(samples)]) == 0
+    with Image.open(samples) as picture:
+        assert picture.width == (3 * 30 + 2) * 4
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, mnist_dir):
+    straight = Trainer(small_config(epochs=2), tmp_path / "a", mnist_dir, progress=False).fit()
+    Trainer(small_config(epochs=1), tmp_path / "b", mnist_dir, progress=False).fit()
+    resumed = Trainer(small_config(epochs=2), tmp_path / "b", mnist_dir,
+                      progress=False).fit(resume=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                          for r in rows]
+    assert strip(resumed) == strip(straight)
+
+
+def test_config_file_with_flag_override(tmp_path):
+    settings = tmp_path / "run.toml"
+    settings.write_text('latent_dim = 32\ngamma = 0.5\nencoder_widths = [300, 100]\n')
+    args = cli.make_parser().parse_args(["train", "--config", str(settings), "--gamma", "2.5"])
+    config = cli.build_config(args)
+    assert config.latent_dim == 32 and config.gamma == 2.5
+    assert config.encoder_widths == (300, 100) and config.batch_size == Config().batch_size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--latent-dim", "0"], "latent_dim must be at least 1"),
+    (["train", "--lr-encoder", "-1"], "learning rates must be positive"),
+    (["train", "--activation", "swish"], "unknown activation 'swish'"),
+    (["train", "--backend", "tpu"], "unknown backend 'tpu'"),
+    (["train", "--config", "/nonexistent/run.toml"], "No such file"),
+    (["sample", "--checkpoint", "/nonexistent.npz"], "does not exist"),
+    (["sample", "--checkpoint", "/nonexistent.npz", "-n", "0"], "-n must be at least 1"),
+])
+def test_user_errors_give_one_line_and_exit_status_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_batch_larger_than_the_dataset_is_refused(tmp_path, mnist_dir, capsys):
+    argv = ["train", "--run-dir", str(tmp_path), "--data-dir", str(mnist_dir), "--quiet",
+            "--train-limit", "100", "--batch-size", "128"]
+    assert cli.main(argv) == 2
+    assert "batch_size 128 is larger than the 100 training images" in capsys.readouterr().err
+
+
+def test_gradcheck_command_prints_its_table_and_passes(capsys):
+    assert cli.main(["gradcheck", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "vaegan/pixel: discriminator loss" in out and "0 failed" in out
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "fastvae", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "reconstruct" in result.stdout
