@@ -22,8 +22,7 @@ from fastvae.images import ImageError
 from fastvae.trainer import TrainingError
 
 USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
-               kernels.BackendUnavailable, FileNotFoundError, PermissionError,
-               IsADirectoryError, NotADirectoryError, tomllib.TOMLDecodeError)
+               kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
 
 
 def _add_config_flags(parser):

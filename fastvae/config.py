@@ -36,6 +36,7 @@ class Config:
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)
     betas_discriminator: tuple = (0.5, 0.999)
+    clip_grad_norm: float = 0.0               # clip each network's gradient to this L2 norm; 0: off
     # --- training ---
     epochs: int = 10
     batch_size: int = 128
@@ -79,6 +80,7 @@ class Config:
              "learning rates must be positive"),
             (all(0 <= b < 1 for b in self.betas_encoder + self.betas_decoder
                  + self.betas_discriminator), "betas must lie in [0, 1)"),
+            (self.clip_grad_norm >= 0, "clip_grad_norm must be non-negative (0 turns it off)"),
             (self.epochs >= 0, "epochs must be non-negative"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),

@@ -129,8 +129,16 @@ class VAEGAN:
         return step_losses
 
     def apply_gradients(self):
-        for optimizer in self.optimizers.values():
+        """Step every network's optimizer, clipping gradient norms first when configured."""
+        for name, optimizer in self.optimizers.items():
+            if self.config.clip_grad_norm > 0:
+                self._clip(self.grads[name], self.config.clip_grad_norm)
             optimizer.step()
+
+    def _clip(self, grads, max_norm):
+        """Scale `grads` down to L2 norm `max_norm` if larger (on the device, no sync)."""
+        xp = self.backend.xp
+        grads *= xp.minimum(1.0, max_norm / (xp.linalg.norm(grads) + 1e-12)).astype(grads.dtype)
 
     def compute_gradients(self, x, eps=None, prior_z=None):
         """Losses of batch `x` and every network's gradient; `eps`, `prior_z` fix the noise."""
@@ -243,6 +251,11 @@ class VAEGAN:
         recon_images = self._buffer("d_in", (3 * batch, grad_rec.shape[1]))[batch:2 * batch]
         backend.ops.activation_backward("sigmoid", recon_images, grad_recon_images, grad_rec)
         return reconstruction, grad_rec, grad_images
+
+    def non_finite_networks(self):
+        """Names of the networks with a NaN or infinite parameter (one host read each)."""
+        xp = self.backend.xp
+        return [name for name, params in self.params.items() if not bool(xp.isfinite(params).all())]
 
     # ----- inference (NumPy in, NumPy out) -----
 

@@ -159,14 +159,21 @@ class Trainer:
         return row
 
     def _read_means(self, sums, count, step):
-        """Running means of the losses (the one host read per logging interval)."""
+        """Running means of the losses (the one host read per logging interval), checked."""
         means = {key: float(value) / count for key, value in sums.items()}
-        bad = [key for key, value in means.items() if not math.isfinite(value)]
-        if bad:
-            raise TrainingError(
-                f"non-finite {', '.join(bad)} loss at epoch {self.epoch + 1}, step {step}: "
-                f"training diverged; lower the learning rates (e.g. --lr-discriminator) and "
-                f"resume from the last checkpoint with --resume")
+        bad_losses = [key for key, value in means.items() if not math.isfinite(value)]
+        bad_networks = self.model.non_finite_networks()
+        if bad_losses or bad_networks:
+            where = f"epoch {self.epoch + 1}, step {step}"
+            what = (f"non-finite parameters in the {' and '.join(bad_networks)}" if bad_networks
+                    else f"non-finite {', '.join(bad_losses)} loss")
+            rates = ", ".join(f"--lr-{name} {getattr(self.config, 'lr_' + name):g}"
+                              for name in (bad_networks or self.model.params))
+            kept = (f"the last good checkpoint (epoch {self.epoch}) is kept in {self.run_dir}"
+                    if self.epoch else "no checkpoint was written yet")
+            raise TrainingError(f"{what} at {where}: training diverged, most likely from a "
+                                f"learning rate too high ({rates}) - lower it, or set "
+                                f"--clip-grad-norm; {kept}")
         return means
 
     # ----- outputs -----

@@ -109,3 +109,32 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "fastvae", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "reconstruct" in result.stdout
+
+
+def test_a_diverging_run_stops_naming_the_network_and_keeps_the_checkpoint(tmp_path, mnist_dir,
+                                                                           capsys):
+    run = ["train", "--run-dir", str(tmp_path), "--data-dir", str(mnist_dir), "--quiet", *SMALL]
+    assert cli.main(run + ["--epochs", "1"]) == 0
+    saved = (tmp_path / "checkpoint.npz").read_bytes()
+    assert cli.main(run + ["--epochs", "2", "--resume", "--lr-discriminator", "1e30"]) == 2
+    assert "lr_discriminator" in capsys.readouterr().err   # a changed setting is refused on resume
+    fresh = tmp_path / "fresh"
+    status = cli.main(["train", "--run-dir", str(fresh), "--data-dir", str(mnist_dir), "--quiet",
+                       *SMALL, "--epochs", "1", "--lr-discriminator", "1e30",
+                       "--lr-decoder", "1e30"])
+    err = capsys.readouterr().err
+    assert status == 2 and "non-finite" in err and "learning rate" in err
+    assert "Traceback" not in err
+    assert not (fresh / "checkpoint.npz").exists()
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved
+
+
+def test_gradient_clipping_bounds_each_networks_gradient_norm(mnist_subset):
+    from fastvae.model import VAEGAN
+    model = VAEGAN(small_config(clip_grad_norm=0.5))
+    x = model.backend.asarray(mnist_subset[:32])
+    model.compute_gradients(x)
+    assert max(float(np.linalg.norm(g)) for g in model.grads.values()) > 0.5
+    for name, grads in model.grads.items():
+        model._clip(grads, 0.5)
+        assert float(np.linalg.norm(grads)) <= 0.5 * (1 + 1e-5)
