@@ -374,7 +374,8 @@ def draw_chart(tables, path):
     width = 0.8 / max(1, len(series))
     for index, (label, values) in enumerate(series.items()):
         positions = [c + (index - (len(series) - 1) / 2) * width for c in range(len(categories))]
-        bars = axes.bar(positions, values, width, label=label)
+        hatch = "//" if label.startswith("matmul bound") else (".." if "torch" in label else None)
+        bars = axes.bar(positions, values, width, label=label, hatch=hatch)
         axes.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in values],
                        fontsize=7)
     axes.axhline(1.0, color="black", linewidth=0.8)

@@ -19,7 +19,7 @@ from fastvae.checkpoint import CheckpointError
 from fastvae.config import Config
 from fastvae.data import DataError
 from fastvae.images import ImageError
-from fastvae.trainer import TrainingError
+from fastvae.trainer import Interrupted, TrainingError
 
 USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
                kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
@@ -208,6 +208,9 @@ def main(argv=None):
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"fastvae {args.command}: {stop}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint written is intact",
               file=sys.stderr)

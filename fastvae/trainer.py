@@ -3,8 +3,12 @@
 Everything the `fastvae train` command does is here, callable from Python:
 `Trainer(config, run_dir).fit()`.
 """
+import contextlib
 import csv
+import itertools
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +35,10 @@ RESUMABLE = ("epochs", "backend")  # settings a resumed run may change
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, an unusable run directory)."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C) after saving a checkpoint it can resume from."""
 
 
 def reconstruction_errors(model, images, batch_size=1000):
@@ -62,6 +70,8 @@ class Trainer:
         self.epoch = 0
         self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
         self.metrics = []        # one row per epoch
+        self.partial = None      # where an interrupted epoch stopped
+        self.stop_requested = False
         self.order_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])
 
     # ----- setup -----
@@ -105,32 +115,68 @@ class Trainer:
         extra = header["extra"]
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
         self.order_rng.bit_generator.state = extra["order_rng"]
+        self.partial = extra.get("partial")
 
 
     # ----- loop -----
 
     def fit(self, resume=False):
-        """Train for config.epochs epochs (from the last checkpoint when resuming)."""
+        """Train for config.epochs epochs (from the last checkpoint when resuming).
+
+        Ctrl-C (SIGINT) finishes the current step, saves a checkpoint there and raises
+        `Interrupted`; `--resume` then continues exactly as if nothing had happened.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(".*.tmp"):    # left by a process killed mid-write
+            stale.unlink()
         self.start(resume)
         self.load_data()
-        if self.epoch == 0:
+        if self.epoch == 0 and self.partial is None:
             viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8, title="real test images")
-        while self.epoch < self.config.epochs:
-            self.train_epoch()
-            self.write_outputs()
+        with self._stop_on_sigint():
+            while self.epoch < self.config.epochs:
+                self.train_epoch()
+                self.write_outputs()
         return self.metrics
 
+    def request_stop(self):
+        """Stop at the end of the current step, saving a checkpoint there."""
+        self.stop_requested = True
+
+    @contextlib.contextmanager
+    def _stop_on_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            signal.signal(signal.SIGINT, previous)   # a second Ctrl-C stops at once
+            self.request_stop()
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def train_epoch(self):
-        """One pass over the shuffled training set."""
+        """One pass over the shuffled training set (the rest of it, after a mid-epoch resume)."""
         batch_size = self.config.batch_size
         steps = data.num_batches(len(self.train_images), batch_size)
-        sums, count, started = {}, 0, time.perf_counter()
-        epoch_sums = {}
-        bar = tqdm(data.iterate_batches(self.train_images, batch_size, self.order_rng),
-                   total=steps, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+        partial = self.partial or {}
+        self.partial = None
+        if partial:
+            self.order_rng.bit_generator.state = partial["order_rng"]
+        order_state = self.order_rng.bit_generator.state
+        done = partial.get("step", 0)
+        sums, count = partial.get("sums", {}), partial.get("count", 0)
+        epoch_sums = partial.get("epoch_sums", {})
+        started = time.perf_counter() - partial.get("seconds", 0.0)
+        batches = data.iterate_batches(self.train_images, batch_size, self.order_rng)
+        bar = tqdm(itertools.islice(batches, done, None), initial=done, total=steps,
+                   desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
-        for step, batch in enumerate(bar, 1):
+        for step, batch in enumerate(bar, done + 1):
             for key, value in self.model.train_step(batch).items():
                 sums[key] = sums[key] + value if key in sums else value
             count += 1
@@ -144,6 +190,16 @@ class Trainer:
                                 disc=f"{means.get('discriminator', float('nan')):.3f}",
                                 img_s=f"{rate:.0f}")
                 sums, count = {}, 0
+            if self.stop_requested and step < steps:
+                bar.close()
+                self.partial = {"order_rng": order_state, "step": step, "count": count,
+                                "sums": {key: float(value) for key, value in sums.items()},
+                                "epoch_sums": epoch_sums,
+                                "seconds": time.perf_counter() - started}
+                self.save_checkpoint()
+                raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {step} of "
+                                  f"{steps}; checkpoint saved in {self.run_dir}: continue "
+                                  f"with --resume")
         bar.close()
         seconds = time.perf_counter() - started
         self.epoch += 1
@@ -215,7 +271,7 @@ class Trainer:
 
     def save_checkpoint(self):
         extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,
-                 "order_rng": self.order_rng.bit_generator.state}
+                 "order_rng": self.order_rng.bit_generator.state, "partial": self.partial}
         self.model.save(self.run_dir / CHECKPOINT, extra)
 
 

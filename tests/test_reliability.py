@@ -1,0 +1,138 @@
+"""A killed or interrupted run loses nothing, and a resumed run is exact."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastvae import cli
+from fastvae.checkpoint import read
+from fastvae.model import VAEGAN
+from fastvae.trainer import CHECKPOINT, Interrupted, Trainer
+
+SMALL = dict(train_limit=320, test_limit=64, batch_size=32, latent_dim=8,
+             encoder_widths=(64, 32), decoder_widths=(32, 64), discriminator_widths=(64, 16))
+SMALL_FLAGS = ["--train-limit", "320", "--test-limit", "64", "--batch-size", "32",
+               "--latent-dim", "8", "--encoder-widths", "64", "32", "--decoder-widths", "32",
+               "64", "--discriminator-widths", "64", "16"]
+
+
+def _config(**overrides):
+    from fastvae.config import Config
+    return Config(**{**SMALL, **overrides})
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")}
+            for row in rows]
+
+
+def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mnist_dir, monkeypatch):
+    straight = Trainer(_config(epochs=2), tmp_path / "a", mnist_dir, progress=False, log_every=4)
+    expected = straight.fit()
+
+    stopped = Trainer(_config(epochs=2), tmp_path / "b", mnist_dir, progress=False, log_every=4)
+    original_step, calls = VAEGAN.train_step, []
+
+    def step_then_stop(model, x):
+        calls.append(1)
+        if len(calls) == 13:          # epoch 2 (10 steps an epoch), mid logging interval
+            stopped.request_stop()
+        return original_step(model, x)
+
+    monkeypatch.setattr(VAEGAN, "train_step", step_then_stop)
+    with pytest.raises(Interrupted, match="epoch 2, step 3 of 10"):
+        stopped.fit()
+    monkeypatch.setattr(VAEGAN, "train_step", original_step)
+    resumed = Trainer(_config(epochs=2), tmp_path / "b", mnist_dir, progress=False, log_every=4)
+    assert _without_timing(resumed.fit(resume=True)) == _without_timing(expected)
+    assert resumed.history == straight.history
+    for name, params in resumed.model.params.items():
+        assert (params == straight.model.params[name]).all()
+
+
+def _train_process(run_dir, mnist_dir, epochs):
+    argv = [sys.executable, "-m", "fastvae", "train", "--run-dir", str(run_dir), "--data-dir",
+            str(mnist_dir), "--quiet", "--epochs", str(epochs), *SMALL_FLAGS]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, process, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, mnist_dir):
+    process = _train_process(tmp_path, mnist_dir, epochs=200)
+    _wait_for(tmp_path / CHECKPOINT, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    header, _ = read(tmp_path / CHECKPOINT)
+    epoch = header["extra"]["epoch"]
+    assert cli.main(["train", "--run-dir", str(tmp_path), "--data-dir", str(mnist_dir),
+                     "--quiet", "--resume", "--epochs", str(epoch + 1), *SMALL_FLAGS]) == 0
+    assert read(tmp_path / CHECKPOINT)[0]["extra"]["epoch"] == epoch + 1
+
+
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    script = ("import sys\n"
+              "from fastvae.model import VAEGAN\n"
+              "from fastvae.gradcheck import small_config\n"
+              "model = VAEGAN(small_config(dtype='float32', encoder_widths=(400, 400)))\n"
+              "model.save(sys.argv[1]); print('saved', flush=True)\n"
+              "while True:\n"
+              "    model.save(sys.argv[1])\n")
+    path = tmp_path / "model.npz"
+    for delay in (0.05, 0.13, 0.31):
+        process = subprocess.Popen([sys.executable, "-c", script, str(path)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "saved"
+        time.sleep(delay)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        VAEGAN.load(path)                  # complete and checksum-verified
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "model.npz"]
+    assert all(name.endswith(".tmp") for name in leftovers)
+
+
+FLAG_VALUES = {
+    "--latent-dim": ["0", "-3", "2", "x", "1e9"], "--batch-size": ["0", "-1", "64", "2.5"],
+    "--lr-encoder": ["0", "-1e-3", "nan", "1e-3", "abc"], "--gamma": ["-1", "0", "inf", "2"],
+    "--activation": ["relu", "swish", ""], "--backend": ["numpy", "tpu", "cupy"],
+    "--dtype": ["float16", "float64"], "--epochs": ["-2", "1"], "--mode": ["vae", "gan"],
+    "--reconstruction": ["feature", "pixels"], "--encoder-widths": ["0", "64 -1", "32 16"],
+    "--betas-decoder": ["0.5 1.5", "0.9 0.99", "0.9"], "--feature-layer": ["7", "-1"],
+    "--config": ["/nonexistent.toml"], "--init": ["he", "lecun"],
+}
+
+
+def test_no_train_arguments_end_in_a_traceback(tmp_path):
+    from hypothesis import given, settings, HealthCheck
+    from hypothesis import strategies as st
+
+    empty_data = tmp_path / "no-data"
+    empty_data.mkdir()
+    flag_value = st.sampled_from(sorted(FLAG_VALUES)).flatmap(
+        lambda flag: st.tuples(st.just(flag), st.sampled_from(FLAG_VALUES[flag])))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(flag_value, max_size=4))
+    def run(pairs):
+        argv = ["train", "--run-dir", str(tmp_path / "run"), "--data-dir", str(empty_data),
+                "--no-download", "--quiet"]
+        for flag, value in pairs:
+            argv += [flag, *value.split()]
+        try:
+            status = cli.main(argv)
+        except SystemExit as exit:       # argparse: usage line and status 2
+            status = exit.code
+        assert status == 2
+
+    run()
