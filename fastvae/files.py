@@ -15,6 +15,10 @@ def write_atomic(path, write):
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, f"could not write {path}: {error.strerror}; the previous "
+                                   f"version, if any, is unchanged") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -138,3 +138,36 @@ def test_gradient_clipping_bounds_each_networks_gradient_norm(mnist_subset):
     for name, grads in model.grads.items():
         model._clip(grads, 0.5)
         assert float(np.linalg.norm(grads)) <= 0.5 * (1 + 1e-5)
+
+
+def test_more_bad_inputs_each_get_their_message(tmp_path, mnist_dir, capsys, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not an image")
+    run = tmp_path / "run"
+    train = ["train", "--data-dir", str(mnist_dir), "--quiet", "--epochs", "1", *SMALL]
+    assert cli.main([*train, "--run-dir", str(run)]) == 0
+    cases = [
+        ([*train, "--run-dir", str(a_file)], "is a file"),
+        ([*train, "--run-dir", str(tmp_path / "x"), "--backend", "cupy"], "backend 'cupy'"),
+        (["reconstruct", "--checkpoint", str(run / "checkpoint.npz"), "--images", str(a_file)],
+         str(a_file)),
+        (["reconstruct", "--checkpoint", str(run / "checkpoint.npz"), "--data-dir",
+          str(mnist_dir), "--indices", "10000"], "indices must lie in 0..9999"),
+        (["sample", "--checkpoint", str(a_file)], "not a readable checkpoint"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+    saved = (run / "checkpoint.npz").read_bytes()
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fastvae.files.os.fsync", disk_full)
+    assert cli.main([*train, "--run-dir", str(run), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "previous version" in err
+    assert (run / "checkpoint.npz").read_bytes() == saved
+    assert not list(run.glob(".*.tmp"))
