@@ -17,7 +17,7 @@ def write_atomic(path, write):
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise OSError(error.errno, f"could not write {path}: {error.strerror}; the previous "
+        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; the previous "
                                    f"version, if any, is unchanged") from error
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -1,0 +1,499 @@
+"""The Numba CPU backend: the reference's ops as fused one-pass kernels, products on BLAS.
+
+Same functions, signatures and conventions as `numpy_ref` (read its docstring). Design:
+- matrix products go to BLAS through `np.matmul(..., out=...)` (transposes are views); the
+  elementwise work around them is one jitted pass (bias + activation; activation derivative +
+  bias-gradient column sum);
+- losses, the reparameterisation and the optimiser steps are one jitted pass each; sums are
+  accumulated in float64 whatever the array dtype; activations, losses and the
+  reparameterisation compute each element in float64 and round once on the store;
+- elementwise kernels see 1-D views (`reshape(-1)` of C-contiguous arrays), so each kernel is
+  compiled once per dtype whatever the batch's shape: few signatures, short cold compiles;
+- scalars reach the kernels as float64 (the optimisers: as the parameters' dtype), activations
+  as an int code;
+- nothing of array size is allocated per call (the float64 bias-gradient accumulator is a small
+  buffer kept per width); loss ops return a 0-d float64 array as the reference does.
+
+Vector math. Numba's `math.exp`/`math.log1p` are scalar libm calls (no SVML in the llvmlite
+wheels), 4-7x slower than NumPy's SIMD ufuncs, so `_exp` and `_log1p_atanh` below are
+polynomial versions LLVM vectorises (1 ulp from `np.exp` in float64). They are compiled with
+fastmath={"contract"} only (fused multiply-add: one rounding instead of two). Loss kernels with a
+scalar sum use fastmath={"reassoc"} only, so the float64 sum vectorises (summation order
+changes; no nan/inf assumptions). Everything else: fastmath off. `tanh` uses NumPy's SIMD ufunc.
+
+No `prange`: on a 2-core machine it pays only for an op timed alone (SGD over 1.1M floats:
+221 vs 400 us); right after a BLAS product, as in every training step, OpenBLAS's spinning
+threads and Numba's (OpenMP) workers fight for the two cores and a parallel step costs ~6.5 ms
+instead of 0.1-0.5 ms (workqueue layer or OMP_WAIT_POLICY=passive: no gain over serial).
+"""
+import math
+
+import numpy as np
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+except ImportError as error:  # the module must import without numba; load() reports it
+    numba = None
+    _IMPORT_ERROR = f"numba is not installed: pip install 'fastvae-numpy[numba]' ({error})"
+else:
+    _IMPORT_ERROR = None
+
+LEAKY_SLOPE = 0.2
+xp = np
+
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
+_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
+          "tanh": TANH}
+
+
+def unavailable_reason():
+    """None when numba imports, else a sentence saying how to install it."""
+    return _IMPORT_ERROR
+
+
+def _jit(fastmath=False):
+    def wrap(function):
+        if numba is None:
+            return function
+        return numba.njit(cache=True, fastmath=fastmath, error_model="numpy")(function)
+
+    return wrap
+
+
+def _code(activation):
+    try:
+        return _CODES[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation {activation!r}") from None
+
+
+def _flat_out(array):
+    """A 1-D view of an output array (a reshape copy would silently drop the results)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("numba backend: output arrays must be C-contiguous")
+    return array.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- vector math
+if numba is not None:
+
+    @intrinsic
+    def _bits_as_float(typingctx, bits):
+        """Reinterpret an int64's bits as a float64 (to build 2**k without a libm call)."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+
+        return types.float64(types.int64), codegen
+
+else:  # pragma: no cover - only reached without numba, where no kernel runs
+
+    def _bits_as_float(bits):
+        return float(np.int64(bits).view(np.float64))
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # low 21 bits zero: k * _LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+
+
+@_jit(fastmath={"contract"})
+def _exp(x):
+    """exp(x) in float64, vectorisable: k = round(x / ln 2), Taylor degree 13 on the rest.
+
+    Overflows to inf above ~709.78, underflows smoothly through the denormals to 0, keeps nan.
+    """
+    if x < -746.0:
+        x = -746.0
+    if x > 710.0:
+        x = 710.0
+    n = np.floor(x * _LOG2E + 0.5)
+    r = (x - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln(2) / 2: remainder term < 5e-18
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(n) if n == n else np.int64(0)
+    half = k >> 1  # 2**k as two normal factors, so k down to -1077 works
+    return p * _bits_as_float((half + 1023) << 52) * _bits_as_float((k - half + 1023) << 52)
+
+
+@_jit(fastmath={"contract"})
+def _log1p_atanh(s):
+    """log(1 + e) given s = e / (2 + e) for 0 <= e <= 1 (so s <= 1/3): 2 atanh(s), to s**31."""
+    z = s * s
+    p = 1.0 / 31.0
+    p = p * z + 1.0 / 29.0
+    p = p * z + 1.0 / 27.0
+    p = p * z + 1.0 / 25.0
+    p = p * z + 1.0 / 23.0
+    p = p * z + 1.0 / 21.0
+    p = p * z + 1.0 / 19.0
+    p = p * z + 1.0 / 17.0
+    p = p * z + 1.0 / 15.0
+    p = p * z + 1.0 / 13.0
+    p = p * z + 1.0 / 11.0
+    p = p * z + 1.0 / 9.0
+    p = p * z + 1.0 / 7.0
+    p = p * z + 1.0 / 5.0
+    p = p * z + 1.0 / 3.0
+    p = p * z + 1.0
+    return 2.0 * s * p
+
+
+@_jit()
+def _sigmoid(v):
+    """Logistic function that never overflows: exp of -|v| only."""
+    e = _exp(-abs(v))
+    s = 1.0 / (1.0 + e)
+    return s if v >= 0 else e * s
+
+
+# ----------------------------------------------------------------------------- activations
+@_jit()
+def _act_inplace(row, code):
+    """row = activation(row); tanh is left to np.tanh (SIMD) by the callers."""
+    if code == RELU:
+        for j in range(row.size):
+            v = row[j]
+            row[j] = 0.0 if v < 0 else v
+    elif code == LEAKY_RELU:
+        for j in range(row.size):
+            v = row[j]
+            row[j] = v if v > 0 else LEAKY_SLOPE * v
+    elif code == SIGMOID:
+        for j in range(row.size):
+            row[j] = _sigmoid(np.float64(row[j]))
+
+
+@_jit()
+def _act_forward(x, out, code):
+    if code == RELU:
+        for i in range(x.size):
+            v = x[i]
+            out[i] = 0.0 if v < 0 else v
+    elif code == LEAKY_RELU:
+        for i in range(x.size):
+            v = x[i]
+            out[i] = v if v > 0 else LEAKY_SLOPE * v
+    elif code == SIGMOID:
+        for i in range(x.size):
+            out[i] = _sigmoid(np.float64(x[i]))
+    else:
+        for i in range(x.size):
+            out[i] = x[i]
+
+
+@_jit()
+def _bias_act(out, bias, code):
+    """out[i] = activation(out[i] + bias), row by row (each row stays in L1 for both loops)."""
+    for i in range(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] += bias[j]
+        _act_inplace(row, code)
+
+
+@_jit()
+def _act_backward(y, grad_out, out, code):
+    """out = grad_out * activation'(x), from y = activation(x)."""
+    if code == RELU:
+        for i in range(y.size):
+            out[i] = grad_out[i] * (1.0 if y[i] > 0 else 0.0)
+    elif code == LEAKY_RELU:
+        for i in range(y.size):
+            g = grad_out[i]
+            out[i] = g if y[i] > 0 else LEAKY_SLOPE * g
+    elif code == SIGMOID:
+        for i in range(y.size):
+            v = y[i]
+            out[i] = grad_out[i] * (v * (1.0 - v))
+    elif code == TANH:
+        for i in range(y.size):
+            v = y[i]
+            out[i] = grad_out[i] * (1.0 - v * v)
+    else:
+        for i in range(y.size):
+            out[i] = grad_out[i]
+
+
+@_jit()
+def _act_backward_bias(grad_out, y, scratch, acc, grad_bias, code):
+    """scratch = grad_out * act'(y) and grad_bias = column sums of scratch (float64 in acc).
+
+    Row by row: the derivative and the sum read the row while it is in L1 (one memory pass).
+    """
+    n, m = grad_out.shape
+    for j in range(m):
+        acc[j] = 0.0
+    for i in range(n):
+        row = scratch[i]
+        _act_backward(y[i], grad_out[i], row, code)
+        for j in range(m):
+            acc[j] += row[j]
+    for j in range(m):
+        grad_bias[j] = acc[j]
+
+
+# ----------------------------------------------------------------------------- losses
+# The BCE loops spell the per-element work out (no helper returning a tuple): LLVM then inlines
+# _exp and _log1p_atanh and vectorises the loop. One division serves both 1 / (1 + e) and
+# e / (2 + e), e = exp(-|v|) in (0, 1]; the loss is max(v, 0) - v t + log1p(e).
+@_jit(fastmath={"reassoc"})
+def _bce_scalar(x, t, scale, grad, want_grad):
+    total = 0.0
+    if want_grad:
+        for i in range(x.size):
+            v = np.float64(x[i])
+            e = _exp(-abs(v))
+            r = 1.0 / ((1.0 + e) * (2.0 + e))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e * (1.0 + e) * r)
+            s = (2.0 + e) * r
+            grad[i] = ((s if v >= 0 else e * s) - t) * scale
+    else:
+        for i in range(x.size):
+            v = np.float64(x[i])
+            e = _exp(-abs(v))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e / (2.0 + e))
+    return scale * total
+
+
+@_jit(fastmath={"reassoc"})
+def _bce_array(x, target, scale, grad, want_grad):
+    total = 0.0
+    if want_grad:
+        for i in range(x.size):
+            v = np.float64(x[i])
+            t = np.float64(target[i])
+            e = _exp(-abs(v))
+            r = 1.0 / ((1.0 + e) * (2.0 + e))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e * (1.0 + e) * r)
+            s = (2.0 + e) * r
+            grad[i] = ((s if v >= 0 else e * s) - t) * scale
+    else:
+        for i in range(x.size):
+            v = np.float64(x[i])
+            t = np.float64(target[i])
+            e = _exp(-abs(v))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e / (2.0 + e))
+    return scale * total
+
+
+@_jit(fastmath={"reassoc"})
+def _squared_error_array(pred, target, scale, grad, want_grad):
+    total = 0.0
+    if want_grad:
+        for i in range(pred.size):
+            d = np.float64(pred[i]) - np.float64(target[i])
+            total += d * d
+            grad[i] = d * scale
+    else:
+        for i in range(pred.size):
+            d = np.float64(pred[i]) - np.float64(target[i])
+            total += d * d
+    return scale * 0.5 * total
+
+
+@_jit(fastmath={"reassoc"})
+def _squared_error_scalar(pred, t, scale, grad, want_grad):
+    total = 0.0
+    if want_grad:
+        for i in range(pred.size):
+            d = np.float64(pred[i]) - t
+            total += d * d
+            grad[i] = d * scale
+    else:
+        for i in range(pred.size):
+            d = np.float64(pred[i]) - t
+            total += d * d
+    return scale * 0.5 * total
+
+
+@_jit(fastmath={"reassoc"})
+def _kl_forward(mu, log_var, eps, scale, z_out):
+    total = 0.0
+    for i in range(mu.size):
+        m = np.float64(mu[i])
+        lv = np.float64(log_var[i])
+        std = _exp(0.5 * lv)
+        z_out[i] = m + std * eps[i]
+        total += 1.0 + lv - m * m - std * std
+    return -0.5 * scale * total
+
+
+@_jit()
+def _kl_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
+    for i in range(mu.size):
+        g = np.float64(grad_z[i])
+        std = _exp(0.5 * np.float64(log_var[i]))
+        grad_mu[i] = g + scale * mu[i]
+        grad_log_var[i] = g * eps[i] * 0.5 * std + scale * 0.5 * (std * std - 1.0)
+
+
+# ----------------------------------------------------------------------------- optimisers
+# The optimiser steps compute in the parameters' dtype (scalars arrive as that dtype, prepared
+# by the callers), as the reference does: float32 math runs 8 lanes wide, and Adam's
+# per-element divisions are what bound it, not memory (1.1M floats: 2.7 ms in float64 math,
+# 0.6 ms in float32). Adam uses the equivalent one-division form
+# lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps).
+@_jit()
+def _adam(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2,
+          step_size, inv_sqrt_correction2, eps):
+    for i in range(param.size):
+        g = grad[i]
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        param[i] -= step_size * m / (math.sqrt(v) * inv_sqrt_correction2 + eps)
+
+
+@_jit()
+def _sgd(param, grad, velocity, lr, momentum):
+    for i in range(param.size):
+        v = momentum * velocity[i] + grad[i]
+        velocity[i] = v
+        param[i] -= lr * v
+
+
+# ----------------------------------------------------------------------------- public ops
+def activation_forward(activation, x, out):
+    """out = activation(x); out may be x itself."""
+    code = _code(activation)
+    if code == TANH:
+        np.tanh(x, out=out)
+    elif code == IDENTITY:
+        if out is not x:
+            np.copyto(out, x)
+    elif out is x:  # one array in the loop: LLVM's overlap check would refuse to vectorise
+        _act_inplace(_flat_out(out), code)
+    else:
+        _act_forward(x.reshape(-1), _flat_out(out), code)
+    return out
+
+
+def activation_backward(activation, y, grad_out, out):
+    """out = grad_out * activation'(x), written with the activation's output y = activation(x)."""
+    code = _code(activation)
+    if code == IDENTITY:
+        if out is not grad_out:
+            np.copyto(out, grad_out)
+    else:
+        _act_backward(y.reshape(-1), grad_out.reshape(-1), _flat_out(out), code)
+    return out
+
+
+def dense_forward(x, weight, bias, activation, out):
+    """out = activation(x @ weight + bias): one BLAS product, then one bias+activation pass."""
+    code = _code(activation)
+    np.matmul(x, weight, out=out)
+    if code == IDENTITY:
+        np.add(out, bias, out=out)  # the same single pass, without a dispatch
+    else:
+        _bias_act(out, bias, code)
+        if code == TANH:
+            np.tanh(out, out=out)  # NumPy's SIMD tanh beats a scalar libm call per element
+    return out
+
+
+_ACCUMULATORS = {}
+
+
+def _accumulator(grad_bias):
+    """A float64 buffer for the bias-gradient sum (grad_bias itself when it is float64)."""
+    if grad_bias.dtype == np.float64:
+        return grad_bias
+    n = grad_bias.shape[0]
+    acc = _ACCUMULATORS.get(n)
+    if acc is None:
+        acc = _ACCUMULATORS[n] = np.empty(n, dtype=np.float64)
+    return acc
+
+
+def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch):
+    """Back through y = activation(x @ weight + bias): fills grad_weight, grad_bias, grad_in.
+
+    `scratch` (shaped like grad_out) receives the gradient before the activation.
+    """
+    code = _code(activation)
+    if y is None and code == IDENTITY:
+        y = grad_out
+    if grad_weight is not None and grad_bias is not None:  # grad_bias goes with grad_weight
+        _act_backward_bias(grad_out, y, scratch, _accumulator(grad_bias), grad_bias, code)
+    else:
+        _act_backward(y.reshape(-1), grad_out.reshape(-1), _flat_out(scratch), code)
+    if grad_weight is not None:
+        np.matmul(x.T, scratch, out=grad_weight)
+    if grad_in is not None:
+        np.matmul(scratch, weight.T, out=grad_in)
+    return grad_in
+
+
+def bce_with_logits(logits, target, scale, grad_out):
+    """scale * sum BCE(sigmoid(logits), target), in the stable logits form; grad into grad_out.
+
+    `target` is an array shaped like logits or a scalar (1.0 real, 0.0 fake).
+    """
+    x = logits.reshape(-1)
+    want_grad = grad_out is not None
+    grad = _flat_out(grad_out) if want_grad else x  # never written when want_grad is False
+    if np.ndim(target) == 0:
+        loss = _bce_scalar(x, float(target), float(scale), grad, want_grad)
+    else:
+        loss = _bce_array(x, target.reshape(-1), float(scale), grad, want_grad)
+    return np.asarray(loss)
+
+
+def squared_error(pred, target, scale, grad_out):
+    """scale * sum 0.5 * (pred - target)**2; gradient with respect to pred into grad_out."""
+    p = pred.reshape(-1)
+    want_grad = grad_out is not None
+    grad = _flat_out(grad_out) if want_grad else p
+    if np.ndim(target) == 0:
+        loss = _squared_error_scalar(p, float(target), float(scale), grad, want_grad)
+    else:
+        loss = _squared_error_array(p, target.reshape(-1), float(scale), grad, want_grad)
+    return np.asarray(loss)
+
+
+def kl_reparam_forward(mu, log_var, eps, scale, z_out):
+    """z = mu + exp(log_var / 2) * eps; returns scale * KL(N(mu, exp(log_var)) || N(0, I))."""
+    kl = _kl_forward(mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1), float(scale),
+                     _flat_out(z_out))
+    return np.asarray(kl)
+
+
+def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
+    """Gradients of (loss through z) + scale * KL with respect to mu and log_var."""
+    _kl_backward(grad_z.reshape(-1), mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1),
+                 float(scale), _flat_out(grad_mu), _flat_out(grad_log_var))
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
+    real = param.dtype.type
+    beta1, beta2 = float(beta1), float(beta2)
+    _adam(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
+          real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
+          real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)), real(eps))
+
+
+def sgd_update(param, grad, velocity, lr, momentum):
+    """One step of SGD with (heavy-ball) momentum, in place."""
+    real = param.dtype.type
+    _sgd(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum))
