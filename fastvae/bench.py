@@ -4,7 +4,7 @@ The suite itself lives in the top-level `bench/` folder, installed as `fastvae.b
 this module runs it with `pytest.main`, reads the JSON report pytest-benchmark writes, and
 prints one table per batch size and dtype:
 
-    backend | time per step (median) | samples/s | speed-up over numpy |
+    backend | time per step (median, and the fastest round) | samples/s | speed-up over numpy |
     time / matrix-product bound | time / PyTorch | GFLOP/s | % of the measured peak
 
 The references come from the same run: `products` is the step's necessary matrix products
@@ -18,6 +18,7 @@ without running a benchmark.
 """
 import json
 import math
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -184,9 +185,9 @@ def _ratio(a, b):
 
 
 def peak_rates(records):
-    """{(device, dtype): measured peak matrix-product rate in FLOP/s}."""
-    return {(r["device"], r["dtype"]): r["flops"] / r["median"]
-            for r in records if r["kind"] == "peak" and r["flops"] and r["median"] > 0}
+    """{(device, dtype): peak matrix-product rate in FLOP/s, from the fastest round}."""
+    return {(r["device"], r["dtype"]): r["flops"] / r["min"]
+            for r in records if r["kind"] == "peak" and r["flops"] and r["min"] > 0}
 
 
 def summarise(records):
@@ -212,7 +213,8 @@ def summarise(records):
             rate = r["flops"] / time if r["flops"] and time > 0 else None
             rows.append({
                 "label": _row_label(r), "kind": r["kind"], "backend": r["backend"],
-                "device": r["device"], "median": time, "iqr": r["iqr"], "rounds": r["rounds"],
+                "device": r["device"], "median": time, "min": r["min"], "iqr": r["iqr"],
+                "rounds": r["rounds"],
                 "samples_per_s": batch / time if time > 0 else None,
                 "speedup": _ratio(numpy_time, time),
                 "vs_bound": _ratio(time, find("products", r["device"])),
@@ -242,9 +244,9 @@ def format_seconds(seconds):
 
 def format_step_table(table):
     """One batch size's table as text."""
-    header = ("backend", "time/step", "samples/s", "vs numpy", "/ bound", "/ torch",
+    header = ("backend", "time/step", "min", "samples/s", "vs numpy", "/ bound", "/ torch",
               "GFLOP/s", "% peak")
-    lines = [[row["label"], format_seconds(row["median"]),
+    lines = [[row["label"], format_seconds(row["median"]), format_seconds(row["min"]),
               _fmt(row["samples_per_s"], ",.0f"),
               _fmt(row["speedup"], ".2f", "x"),
               _fmt(row["vs_bound"], ".2f", "x"),
@@ -440,6 +442,18 @@ def pytest_args(suite, json_path, ini_path, quick=False, backends=None, batch_si
     return args + list(extra)
 
 
+def machine_line(machine_info, load=None):
+    """One line on the machine: CPU, cores, and the load (timings on a busy machine vary)."""
+    cpu = machine_info.get("cpu") or {}
+    if load is None and hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+    parts = [cpu.get("brand_raw") or machine_info.get("processor") or "unknown CPU",
+             f"{os.cpu_count()} cores" if cpu.get("count") is None else f"{cpu['count']} cores"]
+    if load is not None:
+        parts.append(f"load average {load:.1f} (busy machines give noisy timings)")
+    return "machine: " + ", ".join(parts)
+
+
 def run(quick=False, backends=None, batch_sizes=None, dtype="float32", json_path=DEFAULT_JSON,
         compare=None, chart_path=DEFAULT_CHART, extra_pytest_args=(), stream=None):
     """Run the suite, save its JSON, print the tables (and the comparison), draw the chart.
@@ -467,6 +481,7 @@ def run(quick=False, backends=None, batch_sizes=None, dtype="float32", json_path
     records = load_records(json_path)
     tables, ops = summarise(records), op_tables(records)
     print(file=stream)
+    print(machine_line(json.loads(json_path.read_text()).get("machine_info") or {}), file=stream)
     for table in ops:
         print(format_op_table(table) + "\n", file=stream)
     for table in tables:
