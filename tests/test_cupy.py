@@ -34,6 +34,7 @@ from fastvae.config import Config
 from fastvae.kernels import cupy_gpu
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
+from fastvae.gradcheck import assert_close, assert_loss_close, to_host
 
 DTYPES = ("float32", "float64")
 # CI sets this to make the checks that need no GPU mandatory: a missing NVRTC or C++ compiler
@@ -45,7 +46,6 @@ def skip_or_fail(reason):
     if REQUIRE:
         pytest.fail(f"FASTVAE_REQUIRE_CUDA_CHECKS=1 but {reason}", pytrace=False)
     pytest.skip(reason)
-TOL = {"float32": 1e-5, "float64": 1e-12}
 
 
 def _cupy_or_none():
@@ -435,25 +435,6 @@ def backend_name(request):
     return request.getfixturevalue(request.param)
 
 
-def host(array):
-    return array.get() if hasattr(array, "get") else np.asarray(array)
-
-
-def close(got, want, dtype, magnitude=None):
-    got, want = host(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.all(np.isfinite(got) == np.isfinite(want))
-    if magnitude is None:
-        magnitude = float(np.abs(want).max()) if want.size else 1.0
-    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype] * max(magnitude, 1e-30))
-
-
-def loss_close(got, want, dtype):
-    got = host(got)
-    assert got.shape == () and got.dtype == np.float64, "a loss is a 0-d float64 array"
-    np.testing.assert_allclose(float(got), float(want), rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
-
-
 # ----------------------------------------------------------------------------- on CPU and GPU
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_op_matches_the_reference(backend_name, dtype):
@@ -477,7 +458,7 @@ def test_dense_layers_tiles_and_slices(backend_name, dtype):
         want = ref.dense_forward(x, weight, bias, activation, np.empty((129, 70), dtype))
         out = dev(np.full((129, 70), np.nan, dtype))
         assert ops.dense_forward(dev(big)[100:229], dev(weight), dev(bias), activation, out) is out
-        close(out, want, dtype, float((np.abs(x) @ np.abs(weight)).max()) + 3)
+        assert_close(out, want, dtype, float((np.abs(x) @ np.abs(weight)).max()) + 3)
 
         grad_y = rng.standard_normal((129, 70)).astype(dtype)
         expected = [np.empty(s, dtype) for s in ((75, 70), (70,), (129, 75), (129, 70))]
@@ -490,13 +471,13 @@ def test_dense_layers_tiles_and_slices(backend_name, dtype):
                                       activation, *got)
         assert returned is got[2]
         for g, e, magnitude in zip(got, expected, magnitudes):
-            close(g, e, dtype, float(magnitude))
+            assert_close(g, e, dtype, float(magnitude))
 
         sentinel = [dev(np.full(e.shape, 7.0, dtype)) for e in expected]
         assert ops.dense_backward(dev(grad_y), dev(x), dev(want), dev(weight), activation,
                                   None, sentinel[1], None, sentinel[3]) is None
-        close(sentinel[3], expected[3], dtype)
-        assert np.all(host(sentinel[1]) == 7.0) and np.all(host(sentinel[2]) == 7.0)
+        assert_close(sentinel[3], expected[3], dtype)
+        assert np.all(to_host(sentinel[1]) == 7.0) and np.all(to_host(sentinel[2]) == 7.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -514,25 +495,25 @@ def test_losses_edge_cases(backend_name, dtype):
             want = ref.bce_with_logits(logits, target, 0.5, want_grad)
             grad = dev(np.full(logits.shape, np.nan, dtype))
             target_dev = dev(target) if np.ndim(target) else target
-            loss_close(ops.bce_with_logits(dev(logits), target_dev, 0.5, grad), want, dtype)
-            close(grad, want_grad, dtype)
-            loss_close(ops.bce_with_logits(dev(logits), target_dev, 0.5, None), want, dtype)
+            assert_loss_close(ops.bce_with_logits(dev(logits), target_dev, 0.5, grad), want, dtype)
+            assert_close(grad, want_grad, dtype)
+            assert_loss_close(ops.bce_with_logits(dev(logits), target_dev, 0.5, None), want, dtype)
     pred, target = big, rng.standard_normal(big.shape).astype(dtype)
     for t in (0.25, target):
         want_grad = np.empty_like(pred)
         want = ref.squared_error(pred, t, 0.1, want_grad)
         grad = dev(np.empty_like(pred))
         t_dev = dev(t) if np.ndim(t) else t
-        loss_close(ops.squared_error(dev(pred), t_dev, 0.1, grad), want, dtype)
-        close(grad, want_grad, dtype)
-        loss_close(ops.squared_error(dev(pred), t_dev, 0.1, None), want, dtype)
+        assert_loss_close(ops.squared_error(dev(pred), t_dev, 0.1, grad), want, dtype)
+        assert_close(grad, want_grad, dtype)
+        assert_loss_close(ops.squared_error(dev(pred), t_dev, 0.1, None), want, dtype)
     mu, eps = big[:, :4].copy(), rng.standard_normal((big.shape[0], 4)).astype(dtype)
     log_var = (rng.standard_normal(mu.shape) * 2).astype(dtype)
     want_z = np.empty_like(mu)
     want = ref.kl_reparam_forward(mu, log_var, eps, 1e-3, want_z)
     z = dev(np.empty_like(mu))
-    loss_close(ops.kl_reparam_forward(dev(mu), dev(log_var), dev(eps), 1e-3, z), want, dtype)
-    close(z, want_z, dtype)
+    assert_loss_close(ops.kl_reparam_forward(dev(mu), dev(log_var), dev(eps), 1e-3, z), want, dtype)
+    assert_close(z, want_z, dtype)
 
 
 def test_elementwise_in_place_and_broadcast(backend_name):
@@ -543,12 +524,12 @@ def test_elementwise_in_place_and_broadcast(backend_name):
         want = ref.activation_forward(activation, x, np.empty_like(x))
         in_place = dev(x)
         assert ops.activation_forward(activation, in_place, in_place) is in_place
-        close(in_place, want, dtype)
+        assert_close(in_place, want, dtype)
         grad = rng.standard_normal(x.shape).astype(dtype)
         want_grad = ref.activation_backward(activation, want, grad, np.empty_like(x))
         in_place = dev(grad)
         ops.activation_backward(activation, dev(want), in_place, in_place)
-        close(in_place, want_grad, dtype)
+        assert_close(in_place, want_grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -569,11 +550,11 @@ def test_training_matches_numpy(backend_name, dtype, overrides):
         want, got = (m.train_step(m.backend.asarray(batch)) for m in models)
         assert set(want) == set(got)
         for key in want:
-            assert host(got[key]).shape == ()
-            np.testing.assert_allclose(float(host(got[key])), float(want[key]), rtol=tol,
+            assert to_host(got[key]).shape == ()
+            np.testing.assert_allclose(float(to_host(got[key])), float(want[key]), rtol=tol,
                                        atol=tol, err_msg=key)
     for name in models[0].params:
-        np.testing.assert_allclose(host(models[1].params[name]), models[0].params[name],
+        np.testing.assert_allclose(to_host(models[1].params[name]), models[0].params[name],
                                    rtol=tol, atol=tol, err_msg=name)
 
 
@@ -591,10 +572,10 @@ def test_model_gradients_match_finite_differences(backend_name):
         return model.compute_gradients(x, eps, prior_z)
 
     losses()
-    grads = {name: host(grad).copy() for name, grad in model.grads.items()}
+    grads = {name: to_host(grad).copy() for name, grad in model.grads.items()}
     for name, params in model.params.items():
         coords = rng.choice(params.size, 25, replace=False)
-        numeric = gradcheck.numeric_gradient(lambda: float(host(losses()[name])), params, coords,
+        numeric = gradcheck.numeric_gradient(lambda: float(to_host(losses()[name])), params, coords,
                                              gradcheck.MODEL_STEP)
         error = gradcheck.relative_error(grads[name][coords], numeric)
         assert error < gradcheck.TOLERANCE, (name, error)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from fastvae import kernels
+from fastvae.gradcheck import assert_close, assert_loss_close, to_host
 from fastvae.kernels import numpy_ref as ref
 
 BACKENDS = [name for name in kernels.available() if name != "numpy"]
 DTYPES = (np.float32, np.float64)
 # Relative tolerance per dtype; absolute tolerance is this times the magnitude of the result.
-TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 # (batch, in, out): the reference layers at batch 128, each with the activations it is used
 # with; every activation on an odd shape, batch 1 and one reference layer.
@@ -60,27 +60,6 @@ def dev(ops, array):
     return array if array is None or np.ndim(array) == 0 else ops.xp.asarray(array.copy())
 
 
-def host(array):
-    return array.get() if hasattr(array, "get") else np.asarray(array)
-
-
-def close(got, want, dtype, magnitude=None):
-    """Equal to the tolerance of `dtype`, absolute part relative to the result's magnitude."""
-    got, want = host(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.all(np.isfinite(got) == np.isfinite(want))
-    if magnitude is None:
-        magnitude = float(np.abs(want).max()) if want.size else 1.0
-    tol = TOL[dtype]
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(magnitude, 1e-30))
-
-
-def loss_close(got, want, dtype):
-    got = host(got)
-    assert got.shape == () and got.dtype == np.float64, "a loss is a 0-d float64 array"
-    np.testing.assert_allclose(float(got), float(want), rtol=TOL[dtype], atol=TOL[dtype] * 1e-3)
-
-
 def randn(rng, shape, dtype, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
@@ -108,9 +87,9 @@ def test_dense_forward(ops, dtype, shape, activation):
     out = dev(ops, np.full((batch, n_out), np.nan, dtype))
     returned = ops.dense_forward(*inputs, activation, out)
     assert returned is out
-    close(out, want, dtype, product_magnitude(x, weight) + np.abs(bias).max())
+    assert_close(out, want, dtype, product_magnitude(x, weight) + np.abs(bias).max())
     for array, original in zip(inputs, (x, weight, bias)):
-        np.testing.assert_array_equal(host(array), original)
+        np.testing.assert_array_equal(to_host(array), original)
 
 
 def dense_backward_case(ops, dtype, batch, n_in, n_out, activation, param_grads, input_grad,
@@ -137,20 +116,20 @@ def dense_backward_case(ops, dtype, batch, n_in, n_out, activation, param_grads,
         got["scratch"],
     )
     assert (returned is got["grad_in"]) if input_grad else returned is None
-    close(got["scratch"], want["scratch"], dtype)
+    assert_close(got["scratch"], want["scratch"], dtype)
     if param_grads:
-        close(got["grad_weight"], want["grad_weight"], dtype, product_magnitude(x.T, want["scratch"]))
-        close(got["grad_bias"], want["grad_bias"], dtype,
+        assert_close(got["grad_weight"], want["grad_weight"], dtype, product_magnitude(x.T, want["scratch"]))
+        assert_close(got["grad_bias"], want["grad_bias"], dtype,
               float(np.abs(want["scratch"]).sum(axis=0).max()))
     else:
-        assert np.all(host(got["grad_weight"]) == sentinel)
-        assert np.all(host(got["grad_bias"]) == sentinel)
+        assert np.all(to_host(got["grad_weight"]) == sentinel)
+        assert np.all(to_host(got["grad_bias"]) == sentinel)
     if input_grad:
-        close(got["grad_in"], want["grad_in"], dtype, product_magnitude(want["scratch"], weight.T))
+        assert_close(got["grad_in"], want["grad_in"], dtype, product_magnitude(want["scratch"], weight.T))
     else:
-        assert np.all(host(got["grad_in"]) == sentinel)
+        assert np.all(to_host(got["grad_in"]) == sentinel)
     for array, original in zip(inputs, (grad_out, x, y, weight)):
-        np.testing.assert_array_equal(host(array), original)
+        np.testing.assert_array_equal(to_host(array), original)
 
 
 @pytest.mark.parametrize("shape,activation", LAYER_CASES, ids=LAYER_IDS)
@@ -175,7 +154,7 @@ def test_dense_row_slices(ops, dtype):
     big_dev = dev(ops, big)
     out = dev(ops, np.empty((128, 512), dtype))
     ops.dense_forward(big_dev[100:228], dev(ops, weight), dev(ops, bias), "leaky_relu", out)
-    close(out, want, dtype, product_magnitude(x, weight))
+    assert_close(out, want, dtype, product_magnitude(x, weight))
     dense_backward_case(ops, dtype, 128, 784, 512, "sigmoid", True, True, x=x)
     # y and grad_out as row slices too, as a layer's backward with `rows` passes them
     y_big = ref.dense_forward(big, weight, bias, "tanh", np.empty((300, 512), dtype))
@@ -187,10 +166,10 @@ def test_dense_row_slices(ops, dtype):
     got = [dev(ops, np.empty_like(a)) for a in (want_gw, want_gb, want_gi, want_scratch)]
     ops.dense_backward(dev(ops, grad_big)[50:78], big_dev[50:78], dev(ops, y_big)[50:78],
                        dev(ops, weight), "tanh", *got)
-    close(got[3], want_scratch, dtype)
-    close(got[0], want_gw, dtype, product_magnitude(big[50:78].T, want_scratch))
-    close(got[1], want_gb, dtype, float(np.abs(want_scratch).sum(axis=0).max()))
-    close(got[2], want_gi, dtype, product_magnitude(want_scratch, weight.T))
+    assert_close(got[3], want_scratch, dtype)
+    assert_close(got[0], want_gw, dtype, product_magnitude(big[50:78].T, want_scratch))
+    assert_close(got[1], want_gb, dtype, float(np.abs(want_scratch).sum(axis=0).max()))
+    assert_close(got[2], want_gi, dtype, product_magnitude(want_scratch, weight.T))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -203,25 +182,25 @@ def test_activations(ops, dtype, activation, shape):
     x_dev = dev(ops, x)
     out = dev(ops, np.full(shape, np.nan, dtype))
     assert ops.activation_forward(activation, x_dev, out) is out
-    close(out, y, dtype)
-    np.testing.assert_array_equal(host(x_dev), x)
+    assert_close(out, y, dtype)
+    np.testing.assert_array_equal(to_host(x_dev), x)
 
     in_place = dev(ops, x)
     assert ops.activation_forward(activation, in_place, in_place) is in_place
-    close(in_place, y, dtype)
+    assert_close(in_place, y, dtype)
 
     grad_out = randn(rng, shape, dtype)
     want = ref.activation_backward(activation, y, grad_out, np.empty(shape, dtype))
     y_dev, grad_dev = dev(ops, y), dev(ops, grad_out)
     got = dev(ops, np.full(shape, np.nan, dtype))
     assert ops.activation_backward(activation, y_dev, grad_dev, got) is got
-    close(got, want, dtype)
-    np.testing.assert_array_equal(host(y_dev), y)
-    np.testing.assert_array_equal(host(grad_dev), grad_out)
+    assert_close(got, want, dtype)
+    np.testing.assert_array_equal(to_host(y_dev), y)
+    np.testing.assert_array_equal(to_host(grad_dev), grad_out)
 
     in_place = dev(ops, grad_out)  # out aliasing grad_out is allowed as well
     ops.activation_backward(activation, y_dev, in_place, in_place)
-    close(in_place, want, dtype)
+    assert_close(in_place, want, dtype)
 
 
 def test_extreme_activations(ops, dtype):
@@ -230,11 +209,11 @@ def test_extreme_activations(ops, dtype):
         want = ref.activation_forward(activation, x, np.empty_like(x))
         out = dev(ops, np.empty_like(x))
         ops.activation_forward(activation, dev(ops, x), out)
-        assert np.all(np.isfinite(host(out))), activation
-        close(out, want, dtype)
+        assert np.all(np.isfinite(to_host(out))), activation
+        assert_close(out, want, dtype)
     out = dev(ops, np.empty_like(x))
     ops.activation_forward("sigmoid", dev(ops, x), out)
-    assert host(out)[0, 0] == 0.0 and host(out)[0, -1] == 1.0
+    assert to_host(out)[0, 0] == 0.0 and to_host(out)[0, -1] == 1.0
 
 
 def test_unknown_activation(ops):
@@ -259,10 +238,10 @@ def test_bce_with_logits(ops, dtype, shape, target_kind, with_grad):
     grad = dev(ops, np.full(shape, np.nan, dtype)) if with_grad else None
     logits_dev = dev(ops, logits)
     loss = ops.bce_with_logits(logits_dev, dev(ops, target), scale, grad)
-    loss_close(loss, want, dtype)
+    assert_loss_close(loss, want, dtype)
     if with_grad:
-        close(grad, want_grad, dtype)
-    np.testing.assert_array_equal(host(logits_dev), logits)
+        assert_close(grad, want_grad, dtype)
+    np.testing.assert_array_equal(to_host(logits_dev), logits)
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, "array"])
@@ -274,9 +253,9 @@ def test_bce_extreme_logits(ops, dtype, target):
     want = ref.bce_with_logits(logits, target, 0.5, want_grad)
     grad = dev(ops, np.empty_like(logits))
     loss = ops.bce_with_logits(dev(ops, logits), dev(ops, target), 0.5, grad)
-    assert np.isfinite(float(host(loss))) and np.all(np.isfinite(host(grad)))
-    loss_close(loss, want, dtype)
-    close(grad, want_grad, dtype)
+    assert np.isfinite(float(to_host(loss))) and np.all(np.isfinite(to_host(grad)))
+    assert_loss_close(loss, want, dtype)
+    assert_close(grad, want_grad, dtype)
 
 
 @pytest.mark.parametrize("scalar_target", [False, True], ids=["array", "scalar"])
@@ -291,9 +270,9 @@ def test_squared_error(ops, dtype, shape, with_grad, scalar_target):
     want = ref.squared_error(pred, target, scale, want_grad)
     grad = dev(ops, np.full(shape, np.nan, dtype)) if with_grad else None
     loss = ops.squared_error(dev(ops, pred), dev(ops, target), scale, grad)
-    loss_close(loss, want, dtype)
+    assert_loss_close(loss, want, dtype)
     if with_grad:
-        close(grad, want_grad, dtype)
+        assert_close(grad, want_grad, dtype)
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (7, 13), (1, 1)], ids=str)
@@ -306,17 +285,17 @@ def test_kl_reparam(ops, dtype, shape):
     want = ref.kl_reparam_forward(mu, log_var, eps, scale, want_z)
     inputs = [dev(ops, a) for a in (mu, log_var, eps)]
     z = dev(ops, np.full(shape, np.nan, dtype))
-    loss_close(ops.kl_reparam_forward(*inputs, scale, z), want, dtype)
-    close(z, want_z, dtype)
+    assert_loss_close(ops.kl_reparam_forward(*inputs, scale, z), want, dtype)
+    assert_close(z, want_z, dtype)
 
     want_mu, want_lv = np.empty(shape, dtype), np.empty(shape, dtype)
     ref.kl_reparam_backward(grad_z, mu, log_var, eps, scale, want_mu, want_lv)
     got_mu, got_lv = (dev(ops, np.full(shape, np.nan, dtype)) for _ in range(2))
     ops.kl_reparam_backward(dev(ops, grad_z), *inputs, scale, got_mu, got_lv)
-    close(got_mu, want_mu, dtype)
-    close(got_lv, want_lv, dtype)
+    assert_close(got_mu, want_mu, dtype)
+    assert_close(got_lv, want_lv, dtype)
     for array, original in zip(inputs, (mu, log_var, eps)):
-        np.testing.assert_array_equal(host(array), original)
+        np.testing.assert_array_equal(to_host(array), original)
 
 
 def test_losses_on_row_slices(ops, dtype):
@@ -327,12 +306,12 @@ def test_losses_on_row_slices(ops, dtype):
     want = ref.bce_with_logits(big[10:74], target[10:74], 0.5, want_grad)
     grad = dev(ops, np.empty((64, 64), dtype))
     loss = ops.bce_with_logits(dev(ops, big)[10:74], dev(ops, target)[10:74], 0.5, grad)
-    loss_close(loss, want, dtype)
-    close(grad, want_grad, dtype)
+    assert_loss_close(loss, want, dtype)
+    assert_close(grad, want_grad, dtype)
     want = ref.squared_error(big[:64], big[64:128], 0.5, want_grad)
     loss = ops.squared_error(dev(ops, big)[:64], dev(ops, big)[64:128], 0.5, grad)
-    loss_close(loss, want, dtype)
-    close(grad, want_grad, dtype)
+    assert_loss_close(loss, want, dtype)
+    assert_close(grad, want_grad, dtype)
 
 
 # ----------------------------------------------------------------------------- optimisers
@@ -346,9 +325,9 @@ def test_adam_update(ops, dtype, shape):
         ref.adam_update(want[0], grad, want[1], want[2], 1e-3, 0.9, 0.999, 1e-8, step)
         grad_dev = dev(ops, grad)
         ops.adam_update(got[0], grad_dev, got[1], got[2], 1e-3, 0.9, 0.999, 1e-8, step)
-        np.testing.assert_array_equal(host(grad_dev), grad)
+        np.testing.assert_array_equal(to_host(grad_dev), grad)
         for g, w in zip(got, want):
-            close(g, w, dtype)
+            assert_close(g, w, dtype)
 
 
 @pytest.mark.parametrize("shape", [(100_003,), (7, 13)], ids=str)
@@ -361,7 +340,7 @@ def test_sgd_update(ops, dtype, shape):
         ref.sgd_update(want[0], grad, want[1], 0.01, 0.9)
         ops.sgd_update(got[0], dev(ops, grad), got[1], 0.01, 0.9)
         for g, w in zip(got, want):
-            close(g, w, dtype)
+            assert_close(g, w, dtype)
 
 
 def test_optimiser_on_a_slice_of_a_flat_buffer(ops, dtype):
@@ -375,9 +354,9 @@ def test_optimiser_on_a_slice_of_a_flat_buffer(ops, dtype):
     got = dev(ops, flat)
     ops.adam_update(got[3_000:7_000], dev(ops, grad)[3_000:7_000], dev(ops, np.zeros(4_000, dtype)),
                     dev(ops, np.zeros(4_000, dtype)), 1e-2, 0.9, 0.999, 1e-8, 1)
-    close(got, want, dtype)
-    np.testing.assert_array_equal(host(got)[:3_000], flat[:3_000])
-    np.testing.assert_array_equal(host(got)[7_000:], flat[7_000:])
+    assert_close(got, want, dtype)
+    np.testing.assert_array_equal(to_host(got)[:3_000], flat[:3_000])
+    np.testing.assert_array_equal(to_host(got)[7_000:], flat[7_000:])
 
 
 # ----------------------------------------------------------------------------- allocation
