@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.backend import Backend
+from fastvae.backend import Backend, get_backend
 from fastvae.files import write_atomic
 from fastvae.layers import Linear, NeuralNetwork, ReLU, pack_parameters
 from fastvae.optim import Adam
@@ -90,8 +91,8 @@ class Classifier:
         self.settings = settings or ClassifierSettings()
         if isinstance(backend, Backend):
             self.backend = backend
-        else:
-            self.backend = Backend(backend or "numpy", self.settings.dtype)
+        else:  # a name, or None for the default backend's kernels (FASTVAE_BACKEND)
+            self.backend = Backend(backend or get_backend().name, self.settings.dtype)
         self.image_size = image_size
         rng = rng if rng is not None else np.random.default_rng(self.settings.seed)
         sizes = (image_size,) + tuple(self.settings.widths) + (NUM_CLASSES,)
@@ -184,6 +185,8 @@ def train_classifier(images, labels, epochs=10, seed=0, backend=None, *, batch_s
     labels = np.asarray(labels).astype(np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     if len(images) < batch_size:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     x_all, y_all = be.asarray(images), xp.asarray(labels)
@@ -195,7 +198,7 @@ def train_classifier(images, labels, epochs=10, seed=0, backend=None, *, batch_s
     started = time.perf_counter()
     for epoch in range(epochs):
         order = xp.asarray(order_rng.permutation(len(images)))
-        loss_sum = 0.0
+        loss_sum = 0.0  # summed where the loss lives: one host read per epoch
         for start in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[start:start + batch_size]
             logits = model.network.forward(x_all[index])
@@ -203,19 +206,29 @@ def train_classifier(images, labels, epochs=10, seed=0, backend=None, *, batch_s
             model.network.backward(grad_logits, input_grad=False)
             optimizer.lr = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             optimizer.step()
-            loss_sum += float(loss)
+            loss_sum = loss_sum + loss
             step += 1
         if progress:
-            print(f"classifier epoch {epoch + 1}/{epochs}: loss {loss_sum / steps_per_epoch:.4f}")
+            mean_loss = float(loss_sum) / steps_per_epoch
+            print(f"classifier epoch {epoch + 1}/{epochs}: loss {mean_loss:.4f}")
     model.info = {"train_seconds": time.perf_counter() - started, "backend": be.name,
                   "train_images": len(images)}
     return model
 
 
+def default_cache_dir():
+    """$FASTVAE_CACHE, else $XDG_CACHE_HOME/fastvae, else ~/.cache/fastvae.
+
+    Never the dataset folder: that may be shared between users or read-only.
+    """
+    if os.environ.get("FASTVAE_CACHE"):
+        return Path(os.environ["FASTVAE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastvae"
+
+
 def cache_path(settings, folder=None):
-    """Where the classifier trained with `settings` is cached in `folder` (default: data dir)."""
-    from fastvae.data import default_data_dir
-    folder = Path(folder).expanduser() if folder is not None else default_data_dir()
+    """Where the classifier trained with `settings` is cached in `folder` (default: the cache)."""
+    folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
     return folder / f"classifier-{settings.key()}.npz"
 
 
@@ -223,41 +236,34 @@ def load_or_train_classifier(data_dir=None, dataset="mnist", epochs=10, seed=0, 
                              *, cache_dir=None, download=True, progress=False, **settings):
     """The classifier for `dataset` with these settings: from the cache, else trained and cached.
 
-    The cache file is `<cache_dir or data_dir or default_data_dir()>/classifier-<hash>.npz`,
-    written atomically, so concurrent runs never see half a file. When that folder is not
-    writable (a read-only dataset folder) the default data directory is used instead; when
-    neither is, the classifier is used without caching and a warning says so. The backend is
-    not part of the hash: backends differ only by rounding. `settings` are the other
-    ClassifierSettings fields (batch_size, lr, widths, dtype).
+    The cache file is `<cache_dir or default_cache_dir()>/classifier-<hash>.npz`, written
+    atomically, so concurrent runs never see half a file; where the folder is not writable the
+    classifier is used without caching and a warning says so. The backend is not part of the
+    hash: backends differ only by rounding. `settings` are the other ClassifierSettings fields
+    (batch_size, lr, widths, dtype).
     """
     from fastvae import data
-    from fastvae.data import default_data_dir
     if "widths" in settings:
         settings["widths"] = tuple(settings["widths"])
     wanted = ClassifierSettings(dataset=dataset, epochs=epochs, seed=seed, **settings)
-    folders = [Path(cache_dir if cache_dir is not None else data_dir or default_data_dir())]
-    if cache_dir is None and data_dir is not None:
-        folders.append(default_data_dir())
-    for folder in folders:
-        path = cache_path(wanted, folder)
-        if path.is_file():
-            try:
-                return Classifier.load(path, backend)
-            except ValueError as error:
-                warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining")
+    path = cache_path(wanted, cache_dir)
+    if path.is_file():
+        try:
+            return Classifier.load(path, backend)
+        except ValueError as error:
+            warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining")
     train_x, train_y = data.load_split(dataset, "train", data_dir, download)
+    if progress:
+        print(f"training the {dataset} digit classifier ({epochs} epochs, once: it is cached "
+              f"as {path})")
     test_x, test_y = data.load_split(dataset, "test", data_dir, download)
     model = train_classifier(train_x, train_y, backend=backend, progress=progress,
                              **{k: v for k, v in asdict(wanted).items()})
     model.info["test_accuracy"] = model.accuracy(test_x, test_y)
-    for folder in folders:
-        try:
-            model.save(cache_path(wanted, folder))
-            model.info["cache"] = str(cache_path(wanted, folder))
-            break
-        except OSError:
-            continue
-    else:
-        warnings.warn(f"could not cache the classifier in {' or '.join(map(str, folders))} "
-                      "(not writable); it will be trained again next time")
+    try:
+        model.save(path)
+        model.info["cache"] = str(path)
+    except OSError as error:
+        warnings.warn(f"could not cache the classifier ({error}); it will be trained again "
+                      "next time")
     return model

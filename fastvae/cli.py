@@ -108,15 +108,34 @@ def cmd_sample(args):
 
 
 def cmd_evaluate(args):
-    from fastvae import data, evaluate
+    from fastvae import classifier, data, evaluate
+    from fastvae.files import write_atomic
+    if min(args.k, args.kid_subsets, args.classifier_epochs) < 1:
+        raise ValueError("--k, --kid-subsets and --classifier-epochs must be at least 1")
+    if min(args.samples, args.limit) < 0:
+        raise ValueError("--samples and --limit must not be negative")
     model = _load_model(args)
-    test, _ = data.load_split(model.config.dataset, "test", args.data_dir, not args.no_download,
-                              args.limit or None)
-    results = evaluate.test_metrics(model, data.to_unit_float(test, dtype="float64"))
-    for key, value in results.items():
-        print(f"{key:<24} {value:.4f}")
+    dataset, download = model.config.dataset, not args.no_download
+    test, labels = data.load_split(dataset, "test", args.data_dir, download, args.limit or None)
+    if len(test) < 2 or args.samples == 1:
+        raise ValueError("the distances need at least 2 test images and 2 samples")
+    train, _ = data.load_split(dataset, "train", args.data_dir, download, len(test))
+    digits = classifier.load_or_train_classifier(
+        args.data_dir, dataset, epochs=args.classifier_epochs, backend=model.backend.name,
+        download=download, progress=True)
+    results = evaluate.evaluate_model(
+        model, test, labels, digits, k=args.k, seed=args.seed, n_samples=args.samples,
+        reference_images=train, kid_subsets=args.kid_subsets)
+    print(f"{args.checkpoint}: {len(test)} {dataset} test images, k = {args.k}")
+    print(evaluate.format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        report = {"checkpoint": str(args.checkpoint), "dataset": dataset,
+                  "images": len(test), "k": args.k, "seed": args.seed,
+                  "classifier": {"settings": dataclasses.asdict(digits.settings),
+                                 **digits.info},
+                  "metrics": results}
+        text = json.dumps(report, indent=2).encode()
+        write_atomic(args.json, lambda file: file.write(text))
         print(f"wrote {args.json}")
     return 0
 
@@ -174,10 +193,24 @@ def make_parser():
     sample.add_argument("--output", default="samples.png")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = commands.add_parser("evaluate", help="test-set reconstruction error, KL and ELBO")
+    evaluate = commands.add_parser(
+        "evaluate", help="test-set likelihood bounds, reconstruction error, classifier "
+                         "accuracy, FID and KID")
     _checkpoint_flags(evaluate)
     _data_flags(evaluate)
     evaluate.add_argument("--limit", type=int, default=0, help="first N test images (0: all)")
+    evaluate.add_argument("--k", type=int, default=100,
+                          help="importance samples per image for the IWAE bound (default 100)")
+    evaluate.add_argument("--samples", type=int, default=0,
+                          help="prior samples for FID/KID (default: as many as test images)")
+    evaluate.add_argument("--kid-subsets", type=int, default=100,
+                          help="random subsets of 1000 averaged for KID (default 100)")
+    from fastvae.classifier import ClassifierSettings
+    epochs = ClassifierSettings.epochs
+    evaluate.add_argument("--classifier-epochs", type=int, default=epochs,
+                          help="epochs of the feature classifier, trained once and cached in "
+                               f"the data directory (default {epochs})")
+    evaluate.add_argument("--seed", type=int, default=0, help="noise and sampling seed")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -21,3 +21,16 @@ def mnist_subset(mnist_dir):
     from fastvae import data
     images, _ = data.load_split("mnist", "train", mnist_dir, download=False, limit=2000)
     return data.to_unit_float(images, dtype="float64")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Caches (the digit classifier) go to a temporary folder, never the user's home."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("FASTVAE_CACHE")
+    os.environ["FASTVAE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FASTVAE_CACHE")
+    else:
+        os.environ["FASTVAE_CACHE"] = previous
