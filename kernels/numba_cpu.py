@@ -402,12 +402,9 @@ def dense_forward(x, weight, bias, activation, out):
     """out = activation(x @ weight + bias): one BLAS product, then one bias+activation pass."""
     code = _code(activation)
     np.matmul(x, weight, out=out)
-    if code == IDENTITY:
-        np.add(out, bias, out=out)  # the same single pass, without a dispatch
-    else:
-        _bias_act(out, bias, code)
-        if code == TANH:
-            np.tanh(out, out=out)  # NumPy's SIMD tanh beats a scalar libm call per element
+    _bias_act(out, bias, code)  # not np.add: broadcasting the bias makes NumPy allocate buffers
+    if code == TANH:
+        np.tanh(out, out=out)  # NumPy's SIMD tanh beats a scalar libm call per element
     return out
 
 

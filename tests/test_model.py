@@ -163,3 +163,22 @@ def test_damaged_checkpoints_are_refused_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         VAEGAN.load(tmp_path / "missing.npz")
     assert list(tmp_path.glob(".*tmp")) == []
+
+
+def test_numba_training_step_allocates_nothing_of_array_size_in_steady_state():
+    import tracemalloc
+    if "numba" not in kernels.available():
+        pytest.skip("numba is not installed")
+    model = VAEGAN(Config(seed=0), "numba")
+    x = model.backend.asarray(np.random.default_rng(0).random((128, 784)))
+    for _ in range(3):
+        model.train_step(x)                      # compile, allocate every buffer once
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            model.train_step(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    smallest_activation = 128 * 128 * 4          # one (batch, latent) float32 array
+    assert peak < smallest_activation // 4, f"a steady-state step allocated {peak} bytes"
