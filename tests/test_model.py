@@ -182,3 +182,45 @@ def test_numba_training_step_allocates_nothing_of_array_size_in_steady_state():
         tracemalloc.stop()
     smallest_activation = 128 * 128 * 4          # one (batch, latent) float32 array
     assert peak < smallest_activation // 4, f"a steady-state step allocated {peak} bytes"
+
+
+def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
+    import io
+    import json
+    import zipfile
+    model = VAEGAN(gradcheck.small_config(dtype="float32"))
+    path = tmp_path / "model.npz"
+    model.save(path)
+
+    def rewrite(target, change):
+        """Copy the checkpoint with its header or one array changed, zip checksums intact."""
+        with np.load(path) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        change(arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        target.write_bytes(buffer.getvalue())
+
+    def flip_a_parameter(arrays):
+        arrays["params/decoder"] = arrays["params/decoder"].copy()
+        arrays["params/decoder"][3] += 1.0
+
+    rewrite(tmp_path / "flipped.npz", flip_a_parameter)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        VAEGAN.load(tmp_path / "flipped.npz")
+
+    def other_architecture(arrays):
+        header = json.loads(arrays["header"].tobytes())
+        header["config"]["latent_dim"] = 4
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+
+    rewrite(tmp_path / "other.npz", other_architecture)
+    with pytest.raises(CheckpointError, match="does not fit this model: params/encoder"):
+        VAEGAN.load(tmp_path / "other.npz")
+
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                       # damage inside the zip: its CRC fails
+    (tmp_path / "damaged.npz").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        VAEGAN.load(tmp_path / "damaged.npz")
+    assert zipfile.is_zipfile(path)
