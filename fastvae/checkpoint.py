@@ -52,27 +52,38 @@ def save(path, model, extra=None):
         "extra": extra or {},
         "sha256": _digest(arrays),
     }
+    write_archive(path, header, arrays)
+
+
+def write_archive(path, header, arrays):
+    """One .npz holding `arrays` and the JSON `header`, replacing `path` atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
     write_atomic(path, lambda file: file.write(buffer.getbuffer()))
 
 
-def read(path):
-    """(header, arrays) of a checkpoint file, verified; CheckpointError if it is not a good one."""
+def read_archive(path, kind="checkpoint"):
+    """(header, arrays) of a file written by `write_archive`; CheckpointError if unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+        raise CheckpointError(f"{kind} {path} does not exist (or is not a file)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "header" not in archive.files:
-                raise CheckpointError(f"{path} is not a fastvae checkpoint (no header)")
+                raise CheckpointError(f"{path} is not a fastvae {kind} (no header)")
             header = json.loads(archive["header"].tobytes().decode())
             arrays = {key: archive[key] for key in archive.files if key != "header"}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, UnicodeDecodeError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a "
+        raise CheckpointError(f"{path} is not a readable {kind} (truncated or not a "
                               f"fastvae file: {error})") from error
+    return header, arrays
+
+
+def read(path):
+    """(header, arrays) of a checkpoint file, verified; CheckpointError if it is not a good one."""
+    header, arrays = read_archive(path)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fastvae checkpoint")
     if header.get("version") != VERSION:

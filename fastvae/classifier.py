@@ -7,14 +7,13 @@ in `fastvae.evaluate` (MNIST's stand-in for the Inception network of FID and KID
 
 Training is seeded, so the same settings give the same classifier (up to floating-point
 rounding of the backend); `load_or_train_classifier` trains it once and caches the weights as
-`classifier-<hash of the settings>.npz` in the data directory.
+`classifier-<hash of the settings>.npz` in the user's cache folder.
 
 Softmax cross-entropy is not one of the kernel table's ops: it is written here with the
 backend's array module `xp` (a handful of whole-array expressions per batch of 10 logits, cheap
 next to the matrix products), so every backend runs it without a new kernel.
 """
 import hashlib
-import io
 import json
 import math
 import os
@@ -26,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from fastvae.backend import Backend, get_backend
-from fastvae.files import write_atomic
-from fastvae.layers import Linear, NeuralNetwork, ReLU, pack_parameters
+from fastvae.checkpoint import read_archive, write_archive
+from fastvae.layers import pack_parameters
+from fastvae.model import mlp
 from fastvae.optim import Adam
 
 FORMAT = "fastvae-classifier"
@@ -96,11 +96,7 @@ class Classifier:
         self.image_size = image_size
         rng = rng if rng is not None else np.random.default_rng(self.settings.seed)
         sizes = (image_size,) + tuple(self.settings.widths) + (NUM_CLASSES,)
-        self.network = NeuralNetwork(backend=self.backend)
-        for index, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            self.network.add(Linear(n_in, n_out, init="he", rng=rng, backend=self.backend))
-            if index < len(sizes) - 2:
-                self.network.add(ReLU(self.backend))
+        self.network = mlp(sizes, "relu", "he", rng, self.backend)
         self.params, self.grads = pack_parameters(self.network.linears(), self.backend)
         self.info = {}   # training facts: seconds, test accuracy, backend
 
@@ -141,22 +137,15 @@ class Classifier:
         """Write the weights and settings to `path` atomically (one .npz)."""
         header = {"format": FORMAT, "version": VERSION, "settings": asdict(self.settings),
                   "image_size": self.image_size, "info": self.info}
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
-                 params=self.backend.to_numpy(self.params))
-        write_atomic(path, lambda file: file.write(buffer.getbuffer()))
+        write_archive(path, header, {"params": self.backend.to_numpy(self.params)})
 
     @classmethod
     def load(cls, path, backend=None):
         """A classifier restored from `path`; ValueError if the file is not a good one."""
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(archive["header"].tobytes().decode())
-                params = archive["params"]
-        except (OSError, KeyError, ValueError, EOFError) as error:
-            raise ValueError(f"{path} is not a readable classifier file ({error})") from error
+        header, arrays = read_archive(path, kind="classifier")
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise ValueError(f"{path} is not a version-{VERSION} fastvae classifier")
+        params = arrays.get("params", np.empty(0))
         settings = header["settings"]
         settings = ClassifierSettings(**{**settings, "widths": tuple(settings["widths"])})
         classifier = cls(settings, backend, header["image_size"])
