@@ -267,7 +267,7 @@ class Trainer:
                             "discriminator losses", x=x)
         viz.plot_curves(out / "losses.png",
                         curves(("reconstruction", "kl", "adversarial", "encoder", "decoder")),
-                        "encoder and decoder losses", x=x)
+                        "encoder and decoder losses", x=x, log_scale=True)
 
     def save_checkpoint(self):
         extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,

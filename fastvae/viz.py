@@ -121,8 +121,11 @@ def save_rows(path, rows, title=None, scale=4, pad=2):
     _save_mosaic(path, mosaic, title, scale)
 
 
-def plot_curves(path, series, title, xlabel="epoch", ylabel="loss", x=None):
-    """Write a line chart PNG, one labelled line per non-empty series; return the names drawn."""
+def plot_curves(path, series, title, xlabel="epoch", ylabel="loss", x=None, log_scale=False):
+    """Write a line chart PNG, one labelled line per non-empty series; return the names drawn.
+
+    `log_scale` puts the y axis on a log scale, so losses of different sizes all show.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,6 +147,8 @@ def plot_curves(path, series, title, xlabel="epoch", ylabel="loss", x=None):
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
+    if log_scale:
+        axes.set_yscale("log")
     if drawn:
         axes.legend()
     figure.tight_layout()

@@ -149,3 +149,11 @@ def test_failure_mid_write_keeps_old_target_and_removes_temp(tmp_path, monkeypat
         viz.save_grid(target, constant_images(3, 0.2))
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_plot_curves_log_scale_shows_small_and_large_losses(tmp_path):
+    linear, logarithmic = tmp_path / "linear.png", tmp_path / "log.png"
+    series = {"reconstruction": [500.0, 200.0, 100.0], "adversarial": [0.5, 2.0, 4.0]}
+    viz.plot_curves(linear, series, "losses")
+    viz.plot_curves(logarithmic, series, "losses", log_scale=True)
+    assert linear.read_bytes() != logarithmic.read_bytes()
