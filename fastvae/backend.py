@@ -17,7 +17,7 @@ DTYPES = ("float32", "float64")
 class Backend:
     """Kernels of one backend plus the array module, dtype and random generator they work on."""
 
-    def __init__(self, name="numpy", dtype="float32", seed=None):
+    def __init__(self, name="numpy", dtype="float32", seed=None, device_noise=True):
         if str(dtype) not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         self.name = name
@@ -25,6 +25,9 @@ class Backend:
         self.xp = self.ops.xp
         self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
+        self.device_rng = None  # a generator on the device, for backends that offer one
+        if device_noise and hasattr(self.ops, "make_generator"):
+            self.device_rng = self.ops.make_generator(seed)
 
     def __repr__(self):
         return f"Backend({self.name!r}, dtype={self.dtype.name!r})"
@@ -44,7 +47,10 @@ class Backend:
         return array.get() if hasattr(array, "get") else np.array(array)
 
     def standard_normal(self, out):
-        """Fill `out` with N(0, 1) noise from the backend's generator, host-drawn for repeatability."""
+        """Fill `out` with N(0, 1) noise: on the device where the backend can (no host copy in a
+        training step), else from the host generator, whose stream all backends share."""
+        if self.device_rng is not None:
+            return self.ops.standard_normal(self.device_rng, out)
         if self.xp is np:
             self.rng.standard_normal(out=out, dtype=self.dtype)
         else:

@@ -34,7 +34,10 @@ def _add_config_flags(parser):
         default = field.default
         flag = "--" + field.name.replace("_", "-")
         help_text = f"default {default!r}"
-        if isinstance(default, tuple):
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
+                               default=argparse.SUPPRESS)
+        elif isinstance(default, tuple):
             group.add_argument(flag, type=type(default[0]), nargs="+", help=help_text,
                                default=argparse.SUPPRESS, metavar="N")
         else:

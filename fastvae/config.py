@@ -43,6 +43,9 @@ class Config:
     seed: int = 0
     dtype: str = "float32"                    # float32 | float64
     backend: str = "numpy"                    # numpy | numba | cupy
+    device_noise: bool = True                 # cupy: draw noise on the GPU (fast; a resumed run
+                                              # is not bit-exact); False: the host stream of the
+                                              # CPU backends, so runs match them exactly
     dataset: str = "mnist"                    # mnist | fashion-mnist
     train_limit: int = 0                      # use only the first N training images (0: all)
     test_limit: int = 0                       # use only the first N test images (0: all)

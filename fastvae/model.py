@@ -89,7 +89,8 @@ class VAEGAN:
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = Backend(backend or self.config.backend, self.config.dtype, noise_seed)
+            self.backend = Backend(backend or self.config.backend, self.config.dtype, noise_seed,
+                                   self.config.device_noise)
         self.config = self.config.replace(backend=self.backend.name,
                                           dtype=self.backend.dtype.name)
         rng = np.random.default_rng(init_seed)

@@ -224,3 +224,38 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError):
         VAEGAN.load(tmp_path / "damaged.npz")
     assert zipfile.is_zipfile(path)
+
+
+def test_a_backend_with_a_device_generator_draws_the_noise_there():
+    drawn = []
+
+    def device_normal(generator, out):
+        drawn.append(out.shape)
+        out[...] = generator.standard_normal(out.shape)
+        return out
+
+    module = types.SimpleNamespace(xp=np, unavailable_reason=lambda: None,
+                                   make_generator=lambda seed: np.random.default_rng(seed),
+                                   standard_normal=device_normal,
+                                   **{op: getattr(numpy_ref, op) for op in kernels.OPS})
+    kernels.register("device-rng", module)
+    try:
+        x = np.random.default_rng(0).random((8, 12))
+        config = gradcheck.small_config(dtype="float32", seed=3)
+        on_device = VAEGAN(config, "device-rng")
+        on_device.train_step(on_device.backend.asarray(x))
+        assert drawn == [(8, 3), (8, 3)]                  # eps and the prior samples
+        host = VAEGAN(config.replace(device_noise=False), "device-rng")
+        reference = VAEGAN(config, "numpy")
+        got = host.train_step(host.backend.asarray(x))
+        want = reference.train_step(reference.backend.asarray(x))
+        assert len(drawn) == 2 and float(got["kl"]) == float(want["kl"])
+    finally:
+        kernels._MODULES.pop("device-rng")
+
+
+def test_boolean_settings_have_on_and_off_flags():
+    from fastvae import cli
+    parser = cli.make_parser()
+    assert cli.build_config(parser.parse_args(["train", "--no-device-noise"])).device_noise is False
+    assert cli.build_config(parser.parse_args(["train"])).device_noise is True
