@@ -42,7 +42,8 @@ class Config:
     batch_size: int = 128
     seed: int = 0
     dtype: str = "float32"                    # float32 | float64
-    backend: str = "numpy"                    # numpy | numba | cupy
+    backend: str = ""                         # numpy | numba | cupy; "": the default backend
+                                              # (set_backend, FASTVAE_BACKEND, else numpy)
     device_noise: bool = True                 # cupy: draw noise on the GPU (fast; a resumed run
                                               # is not bit-exact); False: the host stream of the
                                               # CPU backends, so runs match them exactly

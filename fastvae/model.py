@@ -6,7 +6,7 @@ The model knows nothing of data files or training loops: `train_step(x)` takes o
 import numpy as np
 
 from fastvae import losses
-from fastvae.backend import Backend
+from fastvae.backend import Backend, get_backend
 from fastvae.config import Config
 from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
 from fastvae.optim import SGD, Adam
@@ -89,8 +89,8 @@ class VAEGAN:
         if isinstance(backend, Backend):
             self.backend = backend
         else:
-            self.backend = Backend(backend or self.config.backend, self.config.dtype, noise_seed,
-                                   self.config.device_noise)
+            name = backend or self.config.backend or get_backend().name
+            self.backend = Backend(name, self.config.dtype, noise_seed, self.config.device_noise)
         self.config = self.config.replace(backend=self.backend.name,
                                           dtype=self.backend.dtype.name)
         rng = np.random.default_rng(init_seed)

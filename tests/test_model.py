@@ -259,3 +259,17 @@ def test_boolean_settings_have_on_and_off_flags():
     parser = cli.make_parser()
     assert cli.build_config(parser.parse_args(["train", "--no-device-noise"])).device_noise is False
     assert cli.build_config(parser.parse_args(["train"])).device_noise is True
+
+
+def test_the_default_backend_switch_reaches_a_model_built_without_one():
+    from fastvae import use_backend
+    backend = "numba" if "numba" in kernels.available() else "counting-default"
+    if backend != "numba":
+        kernels.register(backend, numpy_ref)
+    try:
+        with use_backend(backend):
+            model = VAEGAN(gradcheck.small_config(dtype="float32"))
+        assert model.backend.name == model.config.backend == backend
+        assert VAEGAN(gradcheck.small_config(dtype="float32")).backend.name == "numpy"
+    finally:
+        kernels._MODULES.pop("counting-default", None)
