@@ -418,13 +418,19 @@ def test_backend_lacking_an_op_is_refused(registry):
     assert "partial" not in registry.available()
 
 
-def test_numba_module_imports_without_numba(monkeypatch):
-    """Without numba the module still imports, and says how to install it."""
-    path = importlib.util.find_spec("fastvae.kernels.numba_cpu").origin
-    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
-    spec = importlib.util.spec_from_file_location("_numba_cpu_without_numba", path)
+@pytest.mark.parametrize("backend, dependency, message", [
+    ("numba", "numba", "numba is not installed: pip install 'fastvae-numpy[numba]'"),
+    ("cupy", "cupy", "CuPy is not installed: pip install 'fastvae-numpy[gpu]'"),
+])
+def test_backend_module_imports_without_its_library(backend, dependency, message, monkeypatch):
+    """Without its library a backend module still imports, and loading it says how to install."""
+    path = importlib.util.find_spec(kernels._MODULES[backend]).origin
+    monkeypatch.setitem(sys.modules, dependency, None)  # `import <dependency>` now fails
+    spec = importlib.util.spec_from_file_location(f"_{backend}_without_{dependency}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    reason = module.unavailable_reason()
-    assert reason and "numba is not installed" in reason and "pip install" in reason
+    assert module.unavailable_reason().startswith(message)
     assert all(callable(getattr(module, op)) for op in kernels.OPS)
+    monkeypatch.setitem(kernels._MODULES, backend, module)
+    with pytest.raises(kernels.BackendUnavailable, match=message.split(":")[0]):
+        kernels.load(backend)
