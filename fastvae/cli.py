@@ -16,7 +16,7 @@ import numpy as np
 
 from fastvae import kernels
 from fastvae.checkpoint import CheckpointError
-from fastvae.config import Config
+from fastvae.config import Config, field_comments
 from fastvae.data import DataError
 from fastvae.images import ImageError
 from fastvae.trainer import Interrupted, TrainingError
@@ -28,12 +28,13 @@ USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, 
 def _add_config_flags(parser):
     """One flag per Config field, absent from the namespace unless given."""
     group = parser.add_argument_group("model and training settings (defaults: fastvae.Config)")
+    comments = field_comments()
     for field in dataclasses.fields(Config):
         if field.name == "extras":
             continue
         default = field.default
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"default {default!r}"
+        help_text = f"{comments.get(field.name, '')} (default {default!r})".strip()
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
                                default=argparse.SUPPRESS)

@@ -3,7 +3,9 @@
 A copy is saved with every checkpoint; the CLI builds a flag for each field.
 """
 import dataclasses
+import inspect
 import json
+import re
 from dataclasses import dataclass, field
 
 from fastvae.kernels import ACTIVATIONS
@@ -30,17 +32,17 @@ class Config:
     gamma: float = 1.0                        # weight of reconstruction vs adversarial in the decoder
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
-    lr_encoder: float = 2e-4
-    lr_decoder: float = 2e-4
-    lr_discriminator: float = 2e-4
+    lr_encoder: float = 2e-4                  # learning rate of the encoder's optimizer
+    lr_decoder: float = 2e-4                  # learning rate of the decoder's optimizer
+    lr_discriminator: float = 2e-4            # learning rate of the discriminator's optimizer
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
-    betas_decoder: tuple = (0.5, 0.999)
-    betas_discriminator: tuple = (0.5, 0.999)
+    betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
+    betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
     clip_grad_norm: float = 0.0               # clip each network's gradient to this L2 norm; 0: off
     # --- training ---
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
+    epochs: int = 10                          # passes over the training set
+    batch_size: int = 128                     # images per training step
+    seed: int = 0                             # seeds the weights, the noise and the data order
     dtype: str = "float32"                    # float32 | float64
     backend: str = ""                         # numpy | numba | cupy; "": the default backend
                                               # (set_backend, FASTVAE_BACKEND, else numpy)
@@ -111,3 +113,17 @@ class Config:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def field_comments():
+    """The comment beside each field in the source above, for --help (continuation lines too)."""
+    comments, name = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s{4}(\w+): .*?#\s*(.*)$", line)
+        if match:
+            name, comments[match[1]] = match[1], match[2]
+        elif name and re.match(r"\s{5,}#\s*(.*)$", line):
+            comments[name] += " " + re.match(r"\s{5,}#\s*(.*)$", line)[1]
+        else:
+            name = None
+    return comments

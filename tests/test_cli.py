@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -171,3 +172,16 @@ def test_more_bad_inputs_each_get_their_message(tmp_path, mnist_dir, capsys, mon
     assert "No space left on device" in err and "previous version" in err
     assert (run / "checkpoint.npz").read_bytes() == saved
     assert not list(run.glob(".*.tmp"))
+
+
+def test_every_setting_flag_explains_itself(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--latent-dim LATENT_DIM size of z, and of the mu and log-variance heads (default 128)" in text
+    assert "--lr-decoder LR_DECODER learning rate of the decoder's optimizer" in text
+    assert "---" not in text
+    comments = cli.field_comments()
+    missing = [f.name for f in dataclasses.fields(Config)
+               if f.name != "extras" and not comments.get(f.name)]
+    assert not missing, f"settings without a comment: {missing}"
