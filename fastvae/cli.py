@@ -62,7 +62,7 @@ def cmd_train(args):
     config = build_config(args, base)
     run = trainer.Trainer(config, args.run_dir, data_dir=args.data_dir,
                           download=not args.no_download, progress=not args.quiet)
-    metrics = run.fit(resume=args.resume)
+    metrics = run.fit(resume=args.resume, overwrite=args.overwrite)
     if metrics:
         last = metrics[-1]
         print(f"trained {last['epoch']} epochs: test BCE {last['test_bce']:.2f} nats/image, "
@@ -176,6 +176,8 @@ def make_parser():
     train.add_argument("--config", help="TOML file of settings (flags override it)")
     train.add_argument("--run-dir", default="runs/mnist", help="where outputs go (default runs/mnist)")
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in a run directory that holds a checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _data_flags(train)
     _add_config_flags(train)

@@ -72,6 +72,7 @@ class Trainer:
         self.metrics = []        # one row per epoch
         self.partial = None      # where an interrupted epoch stopped
         self.stop_requested = False
+        # the seed's third child stream: the model draws its weights and noise from the first two
         self.order_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])
 
     # ----- setup -----
@@ -93,9 +94,12 @@ class Trainer:
         self.prior_z = np.random.default_rng(self.config.seed).standard_normal(
             (SHOWN, self.config.latent_dim))
 
-    def start(self, resume=False):
+    def start(self, resume=False, overwrite=False):
         """Build the model, or restore it and the run's state from the run's checkpoint."""
         path = self.run_dir / CHECKPOINT
+        if path.exists() and not (resume or overwrite):
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
+                                f"continue it, --overwrite to replace it, or another --run-dir")
         if not (resume and path.exists()):
             self.model = VAEGAN(self.config)
             self.config = self.model.config
@@ -117,11 +121,13 @@ class Trainer:
         self.order_rng.bit_generator.state = extra["order_rng"]
         self.partial = extra.get("partial")
 
-
     # ----- loop -----
 
-    def fit(self, resume=False):
+    def fit(self, resume=False, overwrite=False):
         """Train for config.epochs epochs (from the last checkpoint when resuming).
+
+        A run directory that already holds a checkpoint is refused unless `resume` (continue
+        it) or `overwrite` (start again and replace it).
 
         Ctrl-C (SIGINT) finishes the current step, saves a checkpoint there and raises
         `Interrupted`; `--resume` then continues exactly as if nothing had happened.
@@ -129,7 +135,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob(".*.tmp"):    # left by a process killed mid-write
             stale.unlink()
-        self.start(resume)
+        self.start(resume, overwrite)
         self.load_data()
         if self.epoch == 0 and self.partial is None:
             viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8, title="real test images")

@@ -185,3 +185,15 @@ def test_every_setting_flag_explains_itself(capsys):
     missing = [f.name for f in dataclasses.fields(Config)
                if f.name != "extras" and not comments.get(f.name)]
     assert not missing, f"settings without a comment: {missing}"
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(tmp_path, mnist_dir, capsys):
+    train = ["train", "--run-dir", str(tmp_path), "--data-dir", str(mnist_dir), "--quiet",
+             "--epochs", "1", *SMALL]
+    assert cli.main(train) == 0
+    saved = (tmp_path / "checkpoint.npz").read_bytes()
+    assert cli.main(train) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved
+    assert cli.main(train + ["--overwrite", "--seed", "1"]) == 0
+    assert (tmp_path / "checkpoint.npz").read_bytes() != saved
