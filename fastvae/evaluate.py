@@ -63,13 +63,7 @@ def bernoulli_log_likelihood(images, logits):
 
 def decoder_logits(model, z, max_rows=4096):
     """The decoder's output logits for latent codes `z` (N, latent), as float64 NumPy."""
-    z = np.asarray(z).reshape(-1, model.config.latent_dim)
-    chunks = []
-    for start in range(0, len(z), max_rows):
-        batch = model.backend.asarray(z[start:start + max_rows])
-        chunks.append(model.backend.to_numpy(model.decoder.forward(batch, logits=True))
-                      .astype(np.float64))
-    return np.concatenate(chunks) if chunks else np.empty((0, model.config.image_size))
+    return model.decode(z, logits=True, batch_size=max_rows).astype(np.float64)
 
 
 def gaussian_kl(mu, log_var):

@@ -277,11 +277,12 @@ class VAEGAN:
             log_vars.append(self.backend.to_numpy(log_var))
         return np.concatenate(mus), np.concatenate(log_vars)
 
-    def decode(self, z):
-        """Pixel probabilities for latent codes z, as a NumPy array."""
-        z = np.asarray(z).reshape(len(z), self.config.latent_dim)
-        chunks = [self.backend.to_numpy(self.decoder.forward(self.backend.asarray(z[i:i + 1000])))
-                  for i in range(0, len(z), 1000)]
+    def decode(self, z, logits=False, batch_size=1000):
+        """Pixel probabilities (or their logits) for latent codes z, as a NumPy array."""
+        z = np.asarray(z).reshape(-1, self.config.latent_dim)
+        chunks = [self.backend.to_numpy(self.decoder.forward(
+                      self.backend.asarray(z[i:i + batch_size]), logits=logits))
+                  for i in range(0, len(z), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0, self.config.image_size))
 
     def reconstruct(self, images):
