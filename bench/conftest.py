@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 
 from fastvae import kernels
-
-BATCH_SIZES = (64, 128, 512)
-DTYPES = ("float32", "float64")
-QUICK_BATCH = 128
+from fastvae.bench import BATCH_SIZES, DTYPES, QUICK_BATCH
 
 
 def pytest_addoption(parser):
