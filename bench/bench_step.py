@@ -5,8 +5,10 @@ PyTorch print side by side; extra_info carries kind, backend, device, batch, dty
 step's matrix-product FLOPs, which is what `fastvae bench` pairs them by.
 
 - test_step: `VAEGAN.train_step` (forward, all three gradients, three Adam updates);
+- test_graph_step: the same step recorded once as a CUDA graph and replayed (cupy; GPU only);
 - test_products: only the step's matrix products (`fastvae.bench.step_products`, derived
-  from the same Config), through the same BLAS into preallocated outputs: a lower bound;
+  from the same Config), through the same BLAS into preallocated outputs: a lower bound (on
+  the GPU replayed as one CUDA graph, so that it bounds the graph step too);
 - test_peak_matmul: a large square product, the machine's peak product rate;
 - test_torch_step: PyTorch eager, the same step with the same passes written with torch
   ops (only where torch imports; never a dependency).
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from fastvae.bench import step_flops, step_products
+from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.model import VAEGAN
 
@@ -51,6 +54,19 @@ def test_step(timed, backend, batch, dtype):
     assert all(math.isfinite(float(value)) for value in losses.values())
 
 
+def test_graph_step(timed, device, batch, dtype):
+    if device != "gpu":
+        pytest.skip("a CUDA graph step needs the cupy backend")
+    config = step_config(batch, dtype)
+    model = VAEGAN(config, "cupy")
+    captured = CapturedStep(model, batch)
+    x = model.backend.asarray(np.random.default_rng(0).random((batch, config.image_size)))
+    losses = timed(lambda: captured.train_step(x), group=step_group(batch, dtype),
+                   xp=model.backend.xp, kind="step", backend="cupy graph", device="gpu",
+                   batch=batch, dtype=dtype, flops=step_flops(config, batch), warmup=2)
+    assert all(math.isfinite(float(value)) for value in losses.values())
+
+
 def make_operands(products, xp, dtype, seed=0):
     """(a, b, out) per product, laid out as the step lays them out (transposes are views)."""
     rng = np.random.default_rng(seed)
@@ -69,14 +85,23 @@ def test_products(timed, device, batch, dtype):
     config = step_config(batch, dtype)
     products = step_products(config, batch)
     operands = make_operands(products, xp, dtype)
-    matmul = xp.matmul
+    matmul = np.matmul
+    if device == "gpu":
+        from fastvae.kernels import cupy_gpu
+        matmul = cupy_gpu.matmul  # the cupy backend's cuBLAS calls
 
     def all_products():
         for a, b, out in operands:
-            matmul(a, b, out=out)
+            matmul(a, b, out)
         return operands[-1][2]
 
-    out = timed(all_products, group=step_group(batch, dtype), xp=xp, kind="products",
+    run = all_products
+    if device == "gpu":
+        all_products()  # cuBLAS set-up before recording
+        graph = cupy_gpu.capture_graph(all_products)
+        run = lambda: (graph.launch(), graph.result)[1]  # noqa: E731
+
+    out = timed(run, group=step_group(batch, dtype), xp=xp, kind="products",
                 backend=xp.__name__, device=device, batch=batch, dtype=dtype,
                 flops=sum(p.flops for p in products), products=len(products))
     a, b, _ = operands[-1]

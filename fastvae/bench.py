@@ -163,7 +163,7 @@ def load_records(source):
 
 # ----- the tables -----
 
-_BACKEND_ORDER = {"numpy": 0, "numba": 1, "cupy": 2}
+_BACKEND_ORDER = {"numpy": 0, "numba": 1, "cupy": 2, "cupy graph": 3}
 
 
 def _row_label(record):

@@ -8,14 +8,24 @@ class Adam:
         self.params, self.grads, self.backend = params, grads, backend
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.step_count = 0
+        self.device_step = None  # the count as a device scalar too, once count_on_device()
         self.exp_avg = backend.zeros(params.shape)
         self.exp_avg_sq = backend.zeros(params.shape)
 
+    def count_on_device(self):
+        """Keep the step count in a device scalar as well, advanced by a device kernel, so
+        that a step captured as a CUDA graph applies the right bias correction each replay."""
+        self.device_step = self.backend.xp.asarray(float(self.step_count))
+
     def step(self):
         self.step_count += 1
+        step = self.step_count
+        if self.device_step is not None:
+            self.device_step += 1
+            step = self.device_step
         self.backend.ops.adam_update(
             self.params, self.grads, self.exp_avg, self.exp_avg_sq,
-            self.lr, self.betas[0], self.betas[1], self.eps, self.step_count,
+            self.lr, self.betas[0], self.betas[1], self.eps, step,
         )
 
     def state(self):
@@ -24,6 +34,8 @@ class Adam:
 
     def load_state(self, state):
         self.step_count = int(state["step_count"])
+        if self.device_step is not None:
+            self.device_step[...] = self.step_count
         self.exp_avg[...] = self.backend.asarray(state["exp_avg"])
         self.exp_avg_sq[...] = self.backend.asarray(state["exp_avg_sq"])
 
@@ -36,6 +48,9 @@ class SGD:
         self.lr, self.momentum = lr, momentum
         self.step_count = 0
         self.velocity = backend.zeros(params.shape)
+
+    def count_on_device(self):
+        """Nothing to do: SGD's update does not depend on the step count."""
 
     def step(self):
         self.step_count += 1

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastvae import checkpoint, data, viz
+from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.evaluate import bernoulli_nll
 from fastvae.files import write_atomic
@@ -30,7 +31,7 @@ LOSS_KEYS = ("discriminator", "disc_real", "disc_fake", "kl", "reconstruction", 
 METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "seconds",
                                                   "samples_per_s")
 SHOWN = 64
-RESUMABLE = ("epochs", "backend")  # settings a resumed run may change
+RESUMABLE = ("epochs", "backend", "cuda_graph")  # settings a resumed run may change
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +68,7 @@ class Trainer:
         self.data_dir, self.download = data_dir, download
         self.progress, self.log_every = progress, log_every
         self.model = None
+        self.step = None         # the training step function: the model's, or its CUDA graph
         self.epoch = 0
         self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
         self.metrics = []        # one row per epoch
@@ -145,6 +147,13 @@ class Trainer:
                 self.write_outputs()
         return self.metrics
 
+    def step_function(self):
+        """`model.train_step`, or on the cupy backend (unless config.cuda_graph is off) the
+        same step recorded once as a CUDA graph and replayed."""
+        if self.config.cuda_graph and hasattr(self.model.backend.ops, "capture_graph"):
+            return CapturedStep(self.model, self.config.batch_size).train_step
+        return self.model.train_step
+
     def request_stop(self):
         """Stop at the end of the current step, saving a checkpoint there."""
         self.stop_requested = True
@@ -168,6 +177,8 @@ class Trainer:
     def train_epoch(self):
         """One pass over the shuffled training set (the rest of it, after a mid-epoch resume)."""
         batch_size = self.config.batch_size
+        if self.step is None:
+            self.step = self.step_function()
         steps = data.num_batches(len(self.train_images), batch_size)
         partial = self.partial or {}
         self.partial = None
@@ -183,8 +194,8 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
         for step, batch in enumerate(bar, done + 1):
-            for key, value in self.model.train_step(batch).items():
-                sums[key] = sums[key] + value if key in sums else value
+            for key, value in self.step(batch).items():
+                sums[key] = sums.get(key, 0.0) + value  # a new array: a graph reuses `value`
             count += 1
             if count == self.log_every or step == steps:
                 means = self._read_means(sums, count, step)

@@ -1,7 +1,9 @@
 """The CuPy GPU backend: the reference's ops as fused CUDA kernels, products on cuBLAS.
 
 Same functions, signatures and conventions as `numpy_ref` (read its docstring). Design:
-- matrix products go to cuBLAS through `cupy.matmul(..., out=...)` (transposes are views);
+- matrix products go to cuBLAS's gemm into preallocated outputs (transposes are views), on
+  a cuBLAS handle of this module's own, called through ctypes: CuPy refuses cuBLAS calls
+  while a stream is being captured into a CUDA graph, and cuBLAS itself supports capture;
 - bias + activation is one ElementwiseKernel pass after the product; the activation
   derivative and the bias-gradient column sum are one RawKernel pass (one block per 32
   columns, each thread walking rows, partial sums reduced in shared memory);
@@ -9,8 +11,9 @@ Same functions, signatures and conventions as `numpy_ref` (read its docstring). 
   float64, then a one-block kernel that sums the partials in a fixed order (deterministic, no
   atomics) into a new 0-d float64 array: nothing is copied to the host, no op synchronises;
 - the reparameterisation forward (z and KL) and backward, Adam and SGD are one pass each;
-  Adam's and SGD's ElementwiseKernels run over the optimiser's flat buffer, with the
-  step-dependent bias corrections computed on the host and passed as scalars;
+  Adam's and SGD's ElementwiseKernels run over the optimiser's flat buffer; Adam computes its
+  bias corrections from the step count, a host number or a device scalar;
+- `capture_graph` records a function's launches as a CUDA graph to replay with one launch;
 - float32 and float64 through the type placeholder `T` (ElementwiseKernel) or a `typedef` in
   front of the RawModule source; elements are computed in T, sums accumulated in double;
 - every RawKernel is correct for any grid size (grid-stride and tile loops, strides taken from
@@ -26,6 +29,8 @@ objects are built lazily on first use and memoised.
 The module imports without CuPy and without a GPU; `unavailable_reason()` says which is
 missing, and `kernels.load("cupy")` turns that into `BackendUnavailable`.
 """
+import ctypes
+import ctypes.util
 import functools
 import importlib.util
 
@@ -132,18 +137,21 @@ ELEMENTWISE = {
         "",
     ),
     # lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps): the bias-corrected
-    # update of Kingma & Ba with one division; the two corrections come from the host.
+    # update of Kingma & Ba with one division. `step` t is a host number or a 0-d float64
+    # device array (broadcast): a captured CUDA graph advances the count on the device.
     "adam": (
         ("grad",),
-        (("T", "beta1"), ("T", "one_minus_beta1"), ("T", "beta2"), ("T", "one_minus_beta2"),
-         ("T", "step_size"), ("T", "inv_sqrt_correction2"), ("T", "eps")),
+        (("float64", "beta1"), ("float64", "beta2"), ("float64", "lr"), ("float64", "eps"),
+         ("float64", "step")),
         ("param", "exp_avg", "exp_avg_sq"),
         """
-        const T m = beta1 * exp_avg + one_minus_beta1 * grad;
-        const T v = beta2 * exp_avg_sq + one_minus_beta2 * (grad * grad);
+        const T step_size = (T)(lr / (1.0 - pow(beta1, (double)step)));
+        const T inv_sqrt_correction2 = (T)(1.0 / sqrt(1.0 - pow(beta2, (double)step)));
+        const T m = (T)beta1 * exp_avg + (T)(1.0 - beta1) * grad;
+        const T v = (T)beta2 * exp_avg_sq + (T)(1.0 - beta2) * (grad * grad);
         exp_avg = m;
         exp_avg_sq = v;
-        param -= step_size * m / (sqrt(v) * inv_sqrt_correction2 + eps);
+        param -= step_size * m / (sqrt(v) * inv_sqrt_correction2 + (T)eps);
         """,
         "",
     ),
@@ -308,7 +316,7 @@ def elementwise_harness_source(name, dtype):
     the loop index `i`.
     """
     arrays, scalars, outputs, body, preamble = ELEMENTWISE[name]
-    ctypes = {"T": "T", "int32": "int"}
+    ctypes = {"T": "T", "int32": "int", "float64": "double"}
     params = ([f"const T* _raw_{a}" for a in arrays] + [f"{ctypes[t]} {s}" for t, s in scalars]
               + [f"T* _raw_{o}" for o in outputs] + ["long long _n"])
     binds = ([f"const T &{a} = _raw_{a}[i];" for a in arrays]
@@ -421,6 +429,124 @@ def _loss(kernel, values, target, scale, grad_out, final_scale):
     return _finish(partial, blocks, final_scale, values.dtype)
 
 
+# ----------------------------------------------------------------------------- cuBLAS
+OP_N, OP_T = 0, 1                 # cublasOperation_t
+WORKSPACE_BYTES = 32 * 1024 ** 2  # cuBLAS's recommended workspace on Hopper (4 MiB before)
+
+
+def _blas_operand(array):
+    """(array, op, leading dimension) of a row-major product operand as cuBLAS sees it.
+
+    cuBLAS is column-major: a row-major array (rows may be strided, as a slice of rows is)
+    is its own transpose there, op N; a transposed view of one is op T. Anything else is
+    copied to a contiguous array first.
+    """
+    rows, cols = array.shape
+    item = array.itemsize
+    row_stride, col_stride = (stride // item for stride in array.strides)
+    if all(stride % item == 0 and stride > 0 for stride in array.strides):
+        if (col_stride == 1 or cols == 1) and row_stride >= cols:
+            return array, OP_N, max(row_stride, 1)
+        if (row_stride == 1 or rows == 1) and col_stride >= rows:
+            return array, OP_T, max(col_stride, 1)
+    array = cupy.ascontiguousarray(array)
+    return array, OP_N, max(cols, 1)
+
+
+def gemm_arguments(a, b, out):
+    """cuBLAS gemm's arguments for the row-major product out = a @ b.
+
+    Returns (transa, transb, m, n, k, A, lda, B, ldb, C, ldc) with arrays for the pointers:
+    column-major, out is outᵀ = bᵀ aᵀ, so b goes first.
+    """
+    (m, k), (k2, n) = a.shape, b.shape
+    if k2 != k or out.shape != (m, n):
+        raise ValueError(f"matmul: shapes {a.shape} @ {b.shape} -> {out.shape} do not match")
+    if not a.dtype == b.dtype == out.dtype:
+        raise TypeError(f"matmul: dtypes {a.dtype}, {b.dtype}, {out.dtype} differ")
+    out_rows = out.strides[0] // out.itemsize
+    if not (out.strides[1] == out.itemsize or n == 1) or out_rows < n:
+        raise ValueError("cupy backend: a product's output must be row-major")
+    a, op_a, ld_a = _blas_operand(a)
+    b, op_b, ld_b = _blas_operand(b)
+    return op_b, op_a, n, m, k, b, ld_b, a, ld_a, out, max(out_rows, 1)
+
+
+class Cublas:
+    """A cuBLAS handle of our own with its workspace, for float and double gemm."""
+
+    def __init__(self):
+        self.lib = _load_cublas()
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        for name, real in (("cublasSgemm_v2", ctypes.c_float), ("cublasDgemm_v2", ctypes.c_double)):
+            function = getattr(self.lib, name)
+            function.argtypes = [pointer] + [integer] * 5 + [ctypes.POINTER(real), pointer, integer,
+                                 pointer, integer, ctypes.POINTER(real), pointer, integer]
+            function.restype = integer
+        self.handle = pointer()
+        self._check("cublasCreate_v2", self.lib.cublasCreate_v2(ctypes.byref(self.handle)))
+        self.workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+        self._check("cublasSetWorkspace_v2", self.lib.cublasSetWorkspace_v2(
+            self.handle, pointer(self.workspace.data.ptr), ctypes.c_size_t(WORKSPACE_BYTES)))
+        self.stream = None
+        self.gemms = {np.dtype("float32"): (self.lib.cublasSgemm_v2, ctypes.c_float(1),
+                                            ctypes.c_float(0)),
+                      np.dtype("float64"): (self.lib.cublasDgemm_v2, ctypes.c_double(1),
+                                            ctypes.c_double(0))}
+
+    @staticmethod
+    def _check(name, status):
+        if status != 0:
+            raise RuntimeError(f"{name} failed with cuBLAS status {status}")
+
+    def gemm(self, transa, transb, m, n, k, a, lda, b, ldb, c, ldc):
+        """C = op(A) op(B) on CuPy's current stream (alpha 1, beta 0)."""
+        stream = cupy.cuda.get_current_stream().ptr
+        if stream != self.stream:
+            self._check("cublasSetStream_v2",
+                        self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream)))
+            self.stream = stream
+        function, one, zero = self.gemms[c.dtype]
+        self._check(function.__name__, function(
+            self.handle, transa, transb, m, n, k, ctypes.byref(one), a.data.ptr, lda,
+            b.data.ptr, ldb, ctypes.byref(zero), c.data.ptr, ldc))
+
+
+def _load_cublas():
+    """The cuBLAS library CuPy itself loaded (found in the process's mappings), else the
+    system's."""
+    from cupy_backends.cuda.libs import cublas  # noqa: F401 - loads libcublas as CuPy does
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libcublas.so" in path:
+                    return ctypes.CDLL(path)
+    except OSError:
+        pass
+    return ctypes.CDLL(ctypes.util.find_library("cublas") or "libcublas.so")
+
+
+@functools.cache
+def _cublas_on(device_id):
+    return Cublas()
+
+
+def _blas():
+    return _cublas_on(cupy.cuda.Device().id)
+
+
+def matmul(a, b, out):
+    """out = a @ b through cuBLAS (float32 or float64); returns out."""
+    m, n = out.shape
+    if m and n:
+        if a.shape[1] == 0:
+            out.fill(0)
+        else:
+            _blas().gemm(*gemm_arguments(a, b, out))
+    return out
+
+
 # ----------------------------------------------------------------------------- public ops
 def activation_forward(activation, x, out):
     """out = activation(x); out may be x itself."""
@@ -441,7 +567,7 @@ def activation_backward(activation, y, grad_out, out):
 def dense_forward(x, weight, bias, activation, out):
     """out = activation(x @ weight + bias): a cuBLAS product, then one bias+activation pass."""
     code = _code(activation)
-    cupy.matmul(x, weight, out=out)
+    matmul(x, weight, out)
     elementwise_kernel("bias_act")(bias, code, out)
     return out
 
@@ -464,11 +590,11 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
                 (-(-cols // COLUMN_BLOCK[0]),), COLUMN_BLOCK,
                 (_in(grad_out, dtype), _in(y, dtype), _out(scratch, dtype), _out(grad_bias, dtype),
                  np.int64(rows), np.int32(cols), np.int32(code)))
-        cupy.matmul(x.T, scratch, out=grad_weight)
+        matmul(x.T, scratch, grad_weight)
     else:
         elementwise_kernel("act_backward")(y, grad_out, code, scratch)
     if grad_in is not None:
-        cupy.matmul(scratch, weight.T, out=grad_in)
+        matmul(scratch, weight.T, grad_in)
     return grad_in
 
 
@@ -506,12 +632,14 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
-    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
-    beta1, beta2 = float(beta1), float(beta2)
-    step_size = float(lr) / (1.0 - beta1**step)
-    inv_sqrt_correction2 = 1.0 / float(np.sqrt(1.0 - beta2**step))
-    elementwise_kernel("adam")(grad, beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size,
-                               inv_sqrt_correction2, float(eps), param, exp_avg, exp_avg_sq)
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
+
+    `step` may be a 0-d float64 device array holding the count (read on the device).
+    """
+    if not isinstance(step, cupy.ndarray if cupy is not None else ()):
+        step = float(step)
+    elementwise_kernel("adam")(grad, float(beta1), float(beta2), float(lr), float(eps), step,
+                               param, exp_avg, exp_avg_sq)
 
 
 def sgd_update(param, grad, velocity, lr, momentum):
@@ -538,3 +666,41 @@ def standard_normal(generator, out):
     else:
         out[...] = generator.standard_normal(size=out.shape, dtype=out.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+class CapturedGraph:
+    """A recorded CUDA graph, the value its function returned, and the memory both use."""
+
+    def __init__(self, graph, result, pool):
+        self.graph, self.result, self._pool = graph, result, pool
+
+    def launch(self):
+        """Replay the graph on the current stream (after the work queued there, no sync)."""
+        self.graph.launch()
+
+
+def capture_graph(function):
+    """Record `function()` as a CUDA graph without running it; returns a CapturedGraph.
+
+    What `function` allocates comes from a private memory pool that the CapturedGraph keeps,
+    because every replay reads and writes those same addresses. Warm `function` up first
+    (kernel compilation, cuBLAS set-up, buffers made on first use), and keep host
+    synchronisation and host values that change between calls out of it: the graph replays
+    the launches as recorded.
+    """
+    _require_cupy()
+    pool = cupy.cuda.MemoryPool()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with cupy.cuda.using_allocator(pool.malloc), stream:
+        stream.begin_capture()
+        try:
+            result = function()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:  # the capture was invalidated: the original error says why
+                pass
+            raise
+        graph = stream.end_capture()
+    return CapturedGraph(graph, result, pool)

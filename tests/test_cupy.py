@@ -30,16 +30,20 @@ import pytest
 
 from fastvae import gradcheck, kernels
 from fastvae.backend import Backend
+from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.kernels import cupy_gpu
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
 from fastvae.gradcheck import assert_close, assert_loss_close, to_host
+from fastvae.trainer import Trainer
 
 DTYPES = ("float32", "float64")
 # CI sets this to make the checks that need no GPU mandatory: a missing NVRTC or C++ compiler
 # then fails the run instead of skipping them silently.
 REQUIRE = os.environ.get("FASTVAE_REQUIRE_CUDA_CHECKS") == "1"
+# .ci/gpu sets this on a GPU machine: a GPU that CuPy cannot see then fails the run.
+REQUIRE_GPU = os.environ.get("FASTVAE_REQUIRE_GPU") == "1"
 
 
 def skip_or_fail(reason):
@@ -155,7 +159,7 @@ def test_nvrtc_compiles_each_raw_kernel(nvrtc, name, dtype):
     assert f".entry {name}(" in ptx
 
 
-@pytest.mark.parametrize("arch", ["compute_70", "compute_90"])
+@pytest.mark.parametrize("arch", ["compute_75", "compute_90"])  # CUDA 13: 75 and up
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nvrtc_compiles_the_raw_module(nvrtc, dtype, arch):
     """The exact source `raw_module` hands to cupy.RawModule, on an older and a newer GPU."""
@@ -169,8 +173,8 @@ def test_nvrtc_compiles_the_raw_module(nvrtc, dtype, arch):
 def test_nvrtc_compiles_each_elementwise_body(nvrtc, name, dtype):
     ptx = compile_ptx(nvrtc, cupy_gpu.elementwise_harness_source(name, dtype), name)
     assert f".entry fastvae_{name}(" in ptx
-    if dtype == "float32":  # float overloads of exp/tanh/sqrt: no silent double math
-        assert ".f64" not in ptx
+    if dtype == "float32" and name != "adam":  # Adam's bias corrections are double on purpose
+        assert ".f64" not in ptx  # float overloads of exp/tanh/sqrt: no silent double math
 
 
 def test_nvrtc_refuses_a_broken_source(nvrtc):
@@ -191,7 +195,8 @@ SHIM = r"""
 #include <condition_variable>
 #include <cstddef>
 #include <mutex>
-using std::exp; using std::fabs; using std::log1p; using std::sqrt; using std::tanh;
+using std::exp; using std::fabs; using std::log1p; using std::pow; using std::sqrt;
+using std::tanh;
 
 struct fv_dim3 { unsigned x, y, z; };
 thread_local fv_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
@@ -389,9 +394,15 @@ class EmulatedElementwise:
         c_args = [np.ascontiguousarray(np.broadcast_to(a, shape)) for a in inputs]
         pointers = [ctypes.c_void_p(a.ctypes.data) for a in c_args]
         for (ctype, sname), value in zip(self.scalars, scalars):
+            if isinstance(value, np.ndarray) and value.shape == () and ctype == "float64":
+                value = float(value)  # a device scalar, which CuPy broadcasts
             assert isinstance(value, (int, float, np.number)), f"{self.name}({sname})"
-            pointers.append(ctypes.c_int(int(value)) if ctype == "int32"
-                            else _ctype(dtype.type)(dtype.type(value)))
+            if ctype == "int32":
+                pointers.append(ctypes.c_int(int(value)))
+            elif ctype == "float64":
+                pointers.append(ctypes.c_double(float(value)))
+            else:
+                pointers.append(_ctype(dtype.type)(dtype.type(value)))
         work = [o if o.flags.c_contiguous else np.ascontiguousarray(o) for o in outputs]
         pointers += [ctypes.c_void_p(w.ctypes.data) for w in work]
         pointers.append(ctypes.c_longlong(int(np.prod(shape))))
@@ -402,11 +413,65 @@ class EmulatedElementwise:
                 o[...] = w
 
 
+class NumpyGemm:
+    """cuBLAS's column-major gemm read with NumPy strides: element (i, j) of an operand at
+    its pointer + (i + j * ld) items, bounds-checked against the array passed for it."""
+
+    @staticmethod
+    def column_major(array, rows, cols, ld, dtype):
+        assert array.dtype == dtype and ld >= max(1, rows), (array.dtype, rows, ld)
+        extent = sum((d - 1) * s for d, s in zip(array.shape, array.strides)) + array.itemsize
+        assert min(array.strides) > 0 and (rows - 1 + (cols - 1) * ld) * array.itemsize < extent
+        return np.lib.stride_tricks.as_strided(array, (rows, cols),
+                                               (array.itemsize, ld * array.itemsize))
+
+    def gemm(self, transa, transb, m, n, k, a, lda, b, ldb, c, ldc):
+        op = {cupy_gpu.OP_N: lambda x: x, cupy_gpu.OP_T: lambda x: x.T}
+        a = self.column_major(a, *((m, k) if transa == cupy_gpu.OP_N else (k, m)), lda, c.dtype)
+        b = self.column_major(b, *((k, n) if transb == cupy_gpu.OP_N else (n, k)), ldb, c.dtype)
+        self.column_major(c, m, n, ldc, c.dtype)[...] = op[transa](a) @ op[transb](b)
+
+
+LAYOUTS = ("rows", "row-slice", "transposed", "transposed-slice", "strided-copy", "single")
+
+
+def product_operands(xp, layout):
+    """(a, b, out) for a @ b with `a` in one of LAYOUTS and b a transposed view."""
+    rng = np.random.default_rng(7)
+    full = xp.asarray(rng.standard_normal((12, 9)))
+    a = {"rows": full[:, :5], "row-slice": full[3:9, :5], "transposed": full.T[:5],
+         "transposed-slice": full[2:7].T, "strided-copy": full[::2, ::2], "single": full[:1]}[layout]
+    a = xp.ascontiguousarray(a) if layout == "rows" else a
+    b = xp.asarray(rng.standard_normal((4, a.shape[1]))).T
+    return a, b, xp.full((a.shape[0], 4), np.nan)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemm_arguments_give_the_row_major_product(monkeypatch, layout):
+    """The cuBLAS arguments for a @ b, read back as cuBLAS reads memory, give a @ b: plain
+    and sliced rows, transposed views, a layout cuBLAS cannot take (copied), single rows."""
+    monkeypatch.setattr(cupy_gpu, "cupy", np)
+    a, b, out = product_operands(np, layout)
+    NumpyGemm().gemm(*cupy_gpu.gemm_arguments(a, b, out))
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not match"):
+        cupy_gpu.gemm_arguments(a, b[:-1], out)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cublas_products_on_the_gpu(layout):
+    a, b, out = product_operands(CUPY, layout)
+    cupy_gpu.matmul(a, b, out)
+    np.testing.assert_allclose(out.get(), a.get() @ b.get(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.fixture
 def emulated(monkeypatch, cpu_libraries):
     """Register backend "cupy-emulated": cupy_gpu's host code with NumPy standing in for CuPy
     and its CUDA sources running on the CPU. Yields the backend name."""
     monkeypatch.setattr(cupy_gpu, "cupy", np)
+    monkeypatch.setattr(cupy_gpu, "_blas", NumpyGemm)
     monkeypatch.setattr(cupy_gpu, "elementwise_kernel",
                         lambda name: EmulatedElementwise(cpu_libraries, name))
     monkeypatch.setattr(cupy_gpu, "_raw_function", lambda name, dtype: EmulatedRawFunction(
@@ -603,7 +668,121 @@ def test_launches_respect_the_kernel_signatures(emulated, cpu_libraries):
     assert launched == set(cupy_gpu.RAW_KERNELS)
 
 
+class ReplayByCalling:
+    """Stands in for a CUDA graph on the CPU: recording runs nothing, each launch calls the
+    function again (on the GPU the launch replays its kernels into the same arrays)."""
+
+    def __init__(self, function):
+        self.function, self.result = function, None
+
+    def launch(self):
+        self.result = self.function()
+
+
+def small_graph_config(**overrides):
+    return Config(latent_dim=6, encoder_widths=(40,), decoder_widths=(36,),
+                  discriminator_widths=(32, 12), seed=3, **overrides)
+
+
+GRAPH_CASES = {"vaegan-pixel": {}, "vaegan-feature": {"reconstruction": "feature"},
+               "vae": {"mode": "vae"}, "sgd-clipped": {"optimizer": "sgd", "clip_grad_norm": 0.5}}
+
+
+def assert_steps_agree(eager, captured, batches, to_device, tol):
+    """The eager model and the captured step give the same losses, weights and step counts."""
+    for batch in batches:
+        x = to_device(batch)
+        want = {key: float(to_host(value)) for key, value in eager.train_step(x).items()}
+        got = {key: float(to_host(value)) for key, value in captured.train_step(x).items()}
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=tol, atol=tol, err_msg=key)
+    for name, optimizer in eager.optimizers.items():
+        np.testing.assert_allclose(to_host(captured.model.params[name]), to_host(eager.params[name]),
+                                   rtol=tol, atol=tol, err_msg=name)
+        assert captured.model.optimizers[name].step_count == optimizer.step_count == len(batches)
+
+
+@pytest.mark.parametrize("overrides", GRAPH_CASES.values(), ids=GRAPH_CASES.keys())
+def test_captured_step_logic_on_the_cpu(emulated, monkeypatch, overrides):
+    """CapturedStep's host side with the CUDA sources on the CPU: its warm-up leaves weights,
+    optimizer state and noise as they were, and Adam's device-side step count gives the eager
+    model's updates."""
+    monkeypatch.setattr(kernels._MODULES[emulated], "capture_graph", ReplayByCalling,
+                        raising=False)
+    config = small_graph_config(device_noise=False, **overrides)
+    eager, graphed = VAEGAN(config, emulated), VAEGAN(config, emulated)
+    captured = CapturedStep(graphed, 16)
+    batches = np.random.default_rng(0).random((4, 16, config.image_size))
+    assert_steps_agree(eager, captured, batches, graphed.backend.asarray, 1e-5)
+    with pytest.raises(ValueError, match="batches of shape"):
+        captured.train_step(graphed.backend.asarray(batches[0][:8]))
+
+
+def test_captured_step_needs_the_cupy_backend():
+    with pytest.raises(ValueError, match="CUDA graphs need the cupy backend"):
+        CapturedStep(VAEGAN(small_graph_config(), "numpy"), 8)
+
+
 # ----------------------------------------------------------------------------- GPU only
+def test_a_gpu_is_visible_where_one_is_required():
+    if REQUIRE_GPU:
+        assert _gpu_visible(), "FASTVAE_REQUIRE_GPU=1 but CuPy sees no CUDA GPU"
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides", GRAPH_CASES.values(), ids=GRAPH_CASES.keys())
+def test_graph_replay_matches_the_eager_step(overrides):
+    """A recorded step replayed gives the eager step's losses and weights, step after step
+    (the same seeds, so the same device noise), and counts the optimizers' steps."""
+    config = small_graph_config(**overrides)
+    eager, graphed = VAEGAN(config, "cupy"), VAEGAN(config, "cupy")
+    captured = CapturedStep(graphed, 32)
+    batches = np.random.default_rng(0).random((6, 32, config.image_size))
+    assert_steps_agree(eager, captured, batches, graphed.backend.asarray, 1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_memory_pool_stays_flat(graph):
+    """After the first steps, training allocates no new device memory: CuPy's pool holds as
+    much, and hands out as much, after 100 more steps (losses added up as the trainer does)."""
+    pool = CUPY.get_default_memory_pool()
+    model = VAEGAN(Config(batch_size=64), "cupy")
+    step = CapturedStep(model, 64).train_step if graph else model.train_step
+    x = model.backend.asarray(np.random.default_rng(0).random((64, 784)))
+    sums = {}
+
+    def run(steps):
+        for _ in range(steps):
+            for key, value in step(x).items():
+                sums[key] = sums.get(key, 0.0) + value
+        CUPY.cuda.Device().synchronize()
+
+    run(3)
+    before = pool.used_bytes(), pool.total_bytes()
+    run(100)
+    assert (pool.used_bytes(), pool.total_bytes()) == before
+
+
+@needs_gpu
+def test_training_with_and_without_the_graph_agrees(tmp_path, mnist_dir):
+    """The trainer's epochs give the same metrics replayed as a graph or launched eagerly, and
+    the GPU run's checkpoint resumes on the NumPy backend with the right step counts."""
+    config = small_graph_config(backend="cupy", epochs=2, batch_size=100, train_limit=1000,
+                                test_limit=200)
+    runs = {}
+    for graph in (False, True):
+        trainer = Trainer(config.replace(cuda_graph=graph), tmp_path / f"graph-{graph}",
+                          data_dir=mnist_dir, download=False, progress=False)
+        runs[graph] = trainer.fit()
+        assert isinstance(trainer.step.__self__, CapturedStep) == graph
+    for want, got in zip(runs[False], runs[True]):
+        for key in ("reconstruction", "kl", "discriminator", "adversarial", "test_bce"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
+    restored = VAEGAN.load(tmp_path / "graph-True" / "checkpoint.npz", backend="numpy")
+    assert all(opt.step_count == 20 for opt in restored.optimizers.values())
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_device_standard_normal(dtype):
