@@ -767,8 +767,8 @@ def test_memory_pool_stays_flat(graph):
 
 @needs_gpu
 def test_training_with_and_without_the_graph_agrees(tmp_path, mnist_dir):
-    """The trainer's epochs give the same metrics replayed as a graph or launched eagerly, and
-    the GPU run's checkpoint resumes on the NumPy backend with the right step counts."""
+    """The trainer's epochs give the same metrics replayed as a graph or launched eagerly; the
+    GPU run's checkpoint loads on the NumPy backend with the right step counts, and back."""
     config = small_graph_config(backend="cupy", epochs=2, batch_size=100, train_limit=1000,
                                 test_limit=200)
     runs = {}
@@ -782,6 +782,12 @@ def test_training_with_and_without_the_graph_agrees(tmp_path, mnist_dir):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
     restored = VAEGAN.load(tmp_path / "graph-True" / "checkpoint.npz", backend="numpy")
     assert all(opt.step_count == 20 for opt in restored.optimizers.values())
+    restored.save(tmp_path / "from-numpy.npz")
+    on_gpu = VAEGAN.load(tmp_path / "from-numpy.npz", backend="cupy")
+    for name, params in restored.params.items():
+        np.testing.assert_array_equal(on_gpu.params[name].get(), params, err_msg=name)
+        np.testing.assert_array_equal(on_gpu.optimizers[name].exp_avg_sq.get(),
+                                      restored.optimizers[name].exp_avg_sq, err_msg=name)
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
