@@ -17,6 +17,9 @@ class CapturedStep:
         if capture is None:
             raise ValueError(f"CUDA graphs need the cupy backend; this model runs on "
                              f"{model.backend.name!r} (leave the graph off there)")
+        if model.backend.device_rng is None:
+            raise ValueError("a CUDA graph replays its noise draws, so the noise must be drawn "
+                             "on the device: turn device_noise back on, or the graph off")
         self.model = model
         self.x = model.backend.zeros((batch_size, model.config.image_size))
         for optimizer in model.optimizers.values():

@@ -49,8 +49,9 @@ class Config:
     device_noise: bool = True                 # cupy: draw noise on the GPU (fast; a resumed run
                                               # is not bit-exact); False: the host stream of the
                                               # CPU backends, so runs match them exactly
-    cuda_graph: bool = True                   # cupy: replay each training step as one recorded
-                                              # CUDA graph (fast); False: launch every kernel
+    cuda_graph: bool = True                   # cupy with device noise: replay each training
+                                              # step as one recorded CUDA graph (fast); False:
+                                              # launch every kernel from Python
     dataset: str = "mnist"                    # mnist | fashion-mnist
     train_limit: int = 0                      # use only the first N training images (0: all)
     test_limit: int = 0                       # use only the first N test images (0: all)

@@ -148,9 +148,11 @@ class Trainer:
         return self.metrics
 
     def step_function(self):
-        """`model.train_step`, or on the cupy backend (unless config.cuda_graph is off) the
-        same step recorded once as a CUDA graph and replayed."""
-        if self.config.cuda_graph and hasattr(self.model.backend.ops, "capture_graph"):
+        """`model.train_step`, or on the cupy backend with noise drawn on the device (unless
+        config.cuda_graph is off) the same step recorded once as a CUDA graph and replayed."""
+        backend = self.model.backend
+        if (self.config.cuda_graph and hasattr(backend.ops, "capture_graph")
+                and backend.device_rng is not None):
             return CapturedStep(self.model, self.config.batch_size).train_step
         return self.model.train_step
 

@@ -708,10 +708,14 @@ def test_captured_step_logic_on_the_cpu(emulated, monkeypatch, overrides):
     """CapturedStep's host side with the CUDA sources on the CPU: its warm-up leaves weights,
     optimizer state and noise as they were, and Adam's device-side step count gives the eager
     model's updates."""
-    monkeypatch.setattr(kernels._MODULES[emulated], "capture_graph", ReplayByCalling,
-                        raising=False)
-    config = small_graph_config(device_noise=False, **overrides)
+    module = kernels._MODULES[emulated]
+    monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
+    monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
+    monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
+        out=out, dtype=out.dtype), raising=False)
+    config = small_graph_config(**overrides)
     eager, graphed = VAEGAN(config, emulated), VAEGAN(config, emulated)
+    assert graphed.backend.device_rng is not None
     captured = CapturedStep(graphed, 16)
     batches = np.random.default_rng(0).random((4, 16, config.image_size))
     assert_steps_agree(eager, captured, batches, graphed.backend.asarray, 1e-5)
@@ -722,6 +726,30 @@ def test_captured_step_logic_on_the_cpu(emulated, monkeypatch, overrides):
 def test_captured_step_needs_the_cupy_backend():
     with pytest.raises(ValueError, match="CUDA graphs need the cupy backend"):
         CapturedStep(VAEGAN(small_graph_config(), "numpy"), 8)
+
+
+def test_captured_step_needs_device_noise(emulated, monkeypatch):
+    """Host-drawn noise would be copied once at recording and replayed stale: refused."""
+    monkeypatch.setattr(kernels._MODULES[emulated], "capture_graph", ReplayByCalling,
+                        raising=False)
+    with pytest.raises(ValueError, match="noise must be drawn on the device"):
+        CapturedStep(VAEGAN(small_graph_config(device_noise=False), emulated), 8)
+
+
+def test_trainer_replays_a_graph_only_with_device_noise(emulated, monkeypatch, tmp_path):
+    module = kernels._MODULES[emulated]
+    monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
+    monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
+    monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
+        out=out, dtype=out.dtype), raising=False)
+    for device_noise, cuda_graph, graphed in ((True, True, True), (False, True, False),
+                                               (True, False, False)):
+        config = small_graph_config(backend=emulated, batch_size=8, device_noise=device_noise,
+                                    cuda_graph=cuda_graph)
+        trainer = Trainer(config, tmp_path / f"{device_noise}-{cuda_graph}")
+        trainer.start()
+        step = trainer.step_function()
+        assert isinstance(getattr(step, "__self__", None), CapturedStep) == graphed
 
 
 # ----------------------------------------------------------------------------- GPU only
