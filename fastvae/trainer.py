@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import checkpoint, data, viz
+from fastvae import checkpoint, data, kernels, viz
+from fastvae.backend import get_backend
 from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.evaluate import bernoulli_nll
@@ -98,6 +99,7 @@ class Trainer:
 
     def start(self, resume=False, overwrite=False):
         """Build the model, or restore it and the run's state from the run's checkpoint."""
+        kernels.load(self.config.backend or get_backend().name)  # its error comes first
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
             raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "

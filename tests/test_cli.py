@@ -85,7 +85,11 @@ def test_config_file_with_flag_override(tmp_path):
     (["sample", "--checkpoint", "/nonexistent.npz"], "does not exist"),
     (["sample", "--checkpoint", "/nonexistent.npz", "-n", "0"], "-n must be at least 1"),
 ])
-def test_user_errors_give_one_line_and_exit_status_2(argv, message, capsys):
+def test_user_errors_give_one_line_and_exit_status_2(argv, message, capsys, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mnist").mkdir(parents=True)  # a run from the quick start, say
+    (tmp_path / "runs" / "mnist" / "checkpoint.npz").write_bytes(b"")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
