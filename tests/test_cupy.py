@@ -703,18 +703,25 @@ def assert_steps_agree(eager, captured, batches, to_device, tol):
         assert captured.model.optimizers[name].step_count == optimizer.step_count == len(batches)
 
 
-@pytest.mark.parametrize("overrides", GRAPH_CASES.values(), ids=GRAPH_CASES.keys())
-def test_captured_step_logic_on_the_cpu(emulated, monkeypatch, overrides):
-    """CapturedStep's host side with the CUDA sources on the CPU: its warm-up leaves weights,
-    optimizer state and noise as they were, and Adam's device-side step count gives the eager
-    model's updates."""
+@pytest.fixture
+def emulated_graphs(emulated, monkeypatch):
+    """The emulated backend with ReplayByCalling for graphs and a NumPy generator as its
+    "device" noise; returns the backend name."""
     module = kernels._MODULES[emulated]
     monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
     monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
     monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
         out=out, dtype=out.dtype), raising=False)
+    return emulated
+
+
+@pytest.mark.parametrize("overrides", GRAPH_CASES.values(), ids=GRAPH_CASES.keys())
+def test_captured_step_logic_on_the_cpu(emulated_graphs, overrides):
+    """CapturedStep's host side with the CUDA sources on the CPU: its warm-up leaves weights,
+    optimizer state and noise as they were, and Adam's device-side step count gives the eager
+    model's updates."""
     config = small_graph_config(**overrides)
-    eager, graphed = VAEGAN(config, emulated), VAEGAN(config, emulated)
+    eager, graphed = VAEGAN(config, emulated_graphs), VAEGAN(config, emulated_graphs)
     assert graphed.backend.device_rng is not None
     captured = CapturedStep(graphed, 16)
     batches = np.random.default_rng(0).random((4, 16, config.image_size))
@@ -728,24 +735,17 @@ def test_captured_step_needs_the_cupy_backend():
         CapturedStep(VAEGAN(small_graph_config(), "numpy"), 8)
 
 
-def test_captured_step_needs_device_noise(emulated, monkeypatch):
+def test_captured_step_needs_device_noise(emulated_graphs):
     """Host-drawn noise would be copied once at recording and replayed stale: refused."""
-    monkeypatch.setattr(kernels._MODULES[emulated], "capture_graph", ReplayByCalling,
-                        raising=False)
     with pytest.raises(ValueError, match="noise must be drawn on the device"):
-        CapturedStep(VAEGAN(small_graph_config(device_noise=False), emulated), 8)
+        CapturedStep(VAEGAN(small_graph_config(device_noise=False), emulated_graphs), 8)
 
 
-def test_trainer_replays_a_graph_only_with_device_noise(emulated, monkeypatch, tmp_path):
-    module = kernels._MODULES[emulated]
-    monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
-    monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
-    monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
-        out=out, dtype=out.dtype), raising=False)
+def test_trainer_replays_a_graph_only_with_device_noise(emulated_graphs, tmp_path):
     for device_noise, cuda_graph, graphed in ((True, True, True), (False, True, False),
                                                (True, False, False)):
-        config = small_graph_config(backend=emulated, batch_size=8, device_noise=device_noise,
-                                    cuda_graph=cuda_graph)
+        config = small_graph_config(backend=emulated_graphs, batch_size=8,
+                                    device_noise=device_noise, cuda_graph=cuda_graph)
         trainer = Trainer(config, tmp_path / f"{device_noise}-{cuda_graph}")
         trainer.start()
         step = trainer.step_function()
@@ -753,9 +753,9 @@ def test_trainer_replays_a_graph_only_with_device_noise(emulated, monkeypatch, t
 
 
 # ----------------------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not REQUIRE_GPU, reason="FASTVAE_REQUIRE_GPU is not set")
 def test_a_gpu_is_visible_where_one_is_required():
-    if REQUIRE_GPU:
-        assert _gpu_visible(), "FASTVAE_REQUIRE_GPU=1 but CuPy sees no CUDA GPU"
+    assert _gpu_visible(), "FASTVAE_REQUIRE_GPU=1 but CuPy sees no CUDA GPU"
 
 
 @needs_gpu
