@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import checkpoint, data, kernels, viz
-from fastvae.backend import get_backend
+from fastvae import checkpoint, data, viz
 from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.evaluate import bernoulli_nll
@@ -98,15 +97,15 @@ class Trainer:
             (SHOWN, self.config.latent_dim))
 
     def start(self, resume=False, overwrite=False):
-        """Build the model, or restore it and the run's state from the run's checkpoint."""
-        kernels.load(self.config.backend or get_backend().name)  # its error comes first
+        """Build the model (so an unknown or missing backend is the first error), then restore
+        it and the run's state from the run's checkpoint when resuming."""
+        self.model = VAEGAN(self.config)
+        self.config = self.model.config
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
             raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
                                 f"continue it, --overwrite to replace it, or another --run-dir")
         if not (resume and path.exists()):
-            self.model = VAEGAN(self.config)
-            self.config = self.model.config
             return
         header, arrays = checkpoint.read(path)
         saved = Config.from_dict(header["config"])
@@ -117,8 +116,6 @@ class Trainer:
             raise TrainingError(f"--resume continues {path} with its own settings, but these "
                                 f"differ: {'; '.join(changed)}. Drop those flags, or train "
                                 f"into a new --run-dir")
-        self.model = VAEGAN(self.config)
-        self.config = self.model.config
         checkpoint.restore(self.model, header, arrays, path)
         extra = header["extra"]
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
