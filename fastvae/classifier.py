@@ -26,6 +26,7 @@ import numpy as np
 
 from fastvae.backend import Backend, get_backend
 from fastvae.checkpoint import read_archive, write_archive
+from fastvae.data import to_unit_float
 from fastvae.layers import pack_parameters
 from fastvae.model import mlp
 from fastvae.optim import Adam
@@ -80,7 +81,7 @@ def as_float_images(images, image_size=784):
     if flat.shape[1] != image_size:
         raise ValueError(f"images have {flat.shape[1]} pixels, the classifier expects {image_size}")
     if images.dtype == np.uint8:
-        return flat.astype(np.float32) / np.float32(255)
+        return to_unit_float(flat)
     return flat
 
 

@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from fastvae.data import to_unit_float
+
 LOG_2PI = math.log(2 * math.pi)
 
 # Every key `evaluate_model` returns, in table order, with its unit or meaning.
@@ -75,7 +77,7 @@ def gaussian_kl(mu, log_var):
 def _as_images(images):
     images = np.asarray(images)
     if images.dtype == np.uint8:
-        return images.reshape(len(images), -1) / 255.0
+        return to_unit_float(images, dtype="float64")
     return images.reshape(len(images), -1).astype(np.float64)
 
 
