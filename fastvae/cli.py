@@ -215,7 +215,7 @@ def make_parser():
     epochs = ClassifierSettings.epochs
     evaluate.add_argument("--classifier-epochs", type=int, default=epochs,
                           help="epochs of the feature classifier, trained once and cached in "
-                               f"the data directory (default {epochs})")
+                               f"~/.cache/fastvae or $FASTVAE_CACHE (default {epochs})")
     evaluate.add_argument("--seed", type=int, default=0, help="noise and sampling seed")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)
