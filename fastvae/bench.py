@@ -255,11 +255,16 @@ def format_step_table(table):
               _fmt(None if row["peak_fraction"] is None else 100 * row["peak_fraction"],
                    ".0f", "%")]
              for row in table["rows"]]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
     peaks = ", ".join(f"{rate:.1f} GFLOP/s ({device})" for device, rate
                       in sorted(table["peaks"].items())) or "not measured"
     title = (f"batch {table['batch']}, {table['dtype']}: one training step "
              f"(median); peak matmul {peaks}")
+    return _text_table(title, header, lines)
+
+
+def _text_table(title, header, lines):
+    """A title and ruled columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
 
     def render(cells):
         return "  ".join([cells[0].ljust(widths[0])]
@@ -302,16 +307,9 @@ def format_op_table(table):
                 cell += f" ({speedup:.2f}x)"
             cells.append(cell)
         lines.append(cells)
-    widths = [max(len(c) for c in column) for column in zip(header, *lines)]
-
-    def render(cells):
-        return "  ".join([cells[0].ljust(widths[0])]
-                         + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
-
     batch = "any batch" if table["batch"] is None else f"batch {table['batch']}"
-    rule = "-" * len(render(header))
-    return "\n".join([f"kernels, {batch}, {table['dtype']} (median; speed-up over numpy)",
-                      rule, render(header), rule] + [render(c) for c in lines] + [rule])
+    return _text_table(f"kernels, {batch}, {table['dtype']} (median; speed-up over numpy)",
+                       header, lines)
 
 
 # ----- comparing two runs -----
