@@ -12,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fastvae.errors import CheckpointError
 from fastvae.files import write_atomic
 
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 def _digest(arrays):

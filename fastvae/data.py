@@ -22,16 +22,14 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from fastvae.errors import DataError
+
 IDX_UBYTE_CODE = 0x08
 SPLITS = ("train", "test")
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 20
 REDOWNLOAD_ADVICE = "delete it and run again to re-download, or replace it with a good copy"
 FOLDER_ADVICE = "pass --data-dir or set FASTVAE_DATA to a folder that has the files"
-
-
-class DataError(Exception):
-    """A dataset file is missing, corrupt or unobtainable; the message says which and what to do."""
 
 
 @dataclass(frozen=True)

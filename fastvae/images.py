@@ -4,15 +4,13 @@ import os
 
 import numpy as np
 
+from fastvae.errors import ImageError
+
 SIDE = 28
 DIGIT_BOX = 20
 MIN_SIDE = 8
 MIN_CONTRAST = 0.1
 INK_THRESHOLD = 0.1
-
-
-class ImageError(ValueError):
-    """A user image that cannot be used, with a message naming the file and the fix."""
 
 
 def _open_image(path):

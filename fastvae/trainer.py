@@ -18,6 +18,7 @@ from tqdm import tqdm
 from fastvae import checkpoint, data, viz
 from fastvae.captured import CapturedStep
 from fastvae.config import Config
+from fastvae.errors import TrainingError
 from fastvae.evaluate import bernoulli_nll
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
@@ -32,10 +33,6 @@ METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "secon
                                                   "samples_per_s")
 SHOWN = 64
 RESUMABLE = ("epochs", "backend", "cuda_graph")  # settings a resumed run may change
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, an unusable run directory)."""
 
 
 class Interrupted(Exception):
