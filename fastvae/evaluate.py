@@ -13,6 +13,10 @@ over the 784 pixels or the latent dimensions, means over the images); MSE is per
   polynomial kernel, averaged over random subsets. The features come from
   `fastvae.classifier.Classifier.features`, an MNIST classifier's penultimate layer, so the
   numbers compare models with each other, not with FIDs computed with Inception on ImageNet.
+- `recognisable`: an image the same classifier puts in one class with probability >= 0.9 and
+  whose features lie where 99 % of the real images of that class lie (`class_regions`, fitted
+  on the reference images); the test images' own share is the ceiling a model can reach.
+  `class_shares`: the share of images assigned to each digit (mode coverage: 0.1 each when even).
 """
 import math
 
@@ -40,7 +44,14 @@ METRICS = {
     "kid_samples_std": "its standard deviation over subsets",
     "fid_train_images": "Frechet distance, test vs training images (the floor)",
     "kid_train_images": "KID, test vs training images (the floor)",
+    "recognisable_samples": "share of prior samples in one class with p >= 0.9",
+    "recognisable_real": "the same share for the test images (the ceiling)",
+    "sample_class_min": "smallest share of the samples that any digit gets (even: 0.1)",
+    "sample_class_max": "largest share of the samples that any digit gets (even: 0.1)",
+    **{f"sample_class_{digit}": f"share of the samples the classifier calls {digit}"
+       for digit in range(10)},
 }
+RECOGNISABLE = 0.9  # the class probability above which a digit counts as recognisable
 
 
 def bernoulli_nll(images, probabilities):
@@ -269,6 +280,56 @@ def kernel_distance(features1, features2, subsets=100, subset_size=1000, seed=0,
     return float(np.mean(values)), float(np.std(values))
 
 
+# ----- what the classifier makes of generated images -----
+
+def class_regions(features, probabilities, quantile=0.99):
+    """Where real digits lie in feature space: for each class, the centroid of the features of
+    the images predicted as that class, and the radius around it holding `quantile` of them.
+
+    Returns (centroids (classes, d), radii (classes,)); a class nobody is predicted as gets a
+    radius of -1 (nothing is inside it).
+    """
+    features, predicted = np.asarray(features, np.float64), np.argmax(probabilities, axis=1)
+    classes = np.asarray(probabilities).shape[1]
+    centroids, radii = np.zeros((classes, features.shape[1])), np.full(classes, -1.0)
+    for label in range(classes):
+        members = features[predicted == label]
+        if len(members):
+            centroids[label] = members.mean(axis=0)
+            radii[label] = np.quantile(np.linalg.norm(members - centroids[label], axis=1),
+                                       quantile)
+    return centroids, radii
+
+
+def recognisable(probabilities, features, regions, threshold=RECOGNISABLE):
+    """Per row: the top class has p >= threshold and the features lie inside that class's
+    region (`class_regions` of real images). Confidence alone is not enough: the classifier,
+    like any ReLU network, is as sure of uniform noise as of a clean digit (0.97 of noise
+    images reach p >= 0.9), but noise lies far outside every region."""
+    probabilities = np.asarray(probabilities)
+    centroids, radii = regions
+    predicted = probabilities.argmax(axis=1)
+    distance = np.linalg.norm(np.asarray(features, np.float64) - centroids[predicted], axis=1)
+    return (probabilities.max(axis=1) >= threshold) & (distance <= radii[predicted])
+
+
+def class_shares(probabilities):
+    """Share of rows whose most likely class is each class, (classes,) summing to 1."""
+    probabilities = np.asarray(probabilities)
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1])
+    return counts / len(probabilities)
+
+
+def sample_class_metrics(probabilities, features, regions):
+    """recognisable_samples and the per-digit shares (with their min and max) as METRICS keys."""
+    shares = class_shares(probabilities)
+    results = {"recognisable_samples": float(np.mean(recognisable(probabilities, features,
+                                                                  regions))),
+               "sample_class_min": float(shares.min()), "sample_class_max": float(shares.max())}
+    results.update({f"sample_class_{digit}": float(share) for digit, share in enumerate(shares)})
+    return results
+
+
 # ----- the whole evaluation -----
 
 def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=None,
@@ -279,7 +340,8 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     `classifier` (fastvae.classifier.Classifier) supplies the accuracy and the features;
     `n_samples` prior samples are decoded (default: as many as images); `reference_images`
     (real images the model was not evaluated on, e.g. training images) give the floor of the
-    distances, NaN without them. Returns a dict of floats keyed as METRICS.
+    distances, NaN without them, and the class regions of the recognisable share (without
+    them: the test images' own). Returns a dict of floats keyed as METRICS.
     """
     images = _as_images(images)
     labels = np.asarray(labels)
@@ -291,19 +353,26 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     results["classifier_accuracy_real"] = classifier.accuracy(images, labels)
     results["classifier_accuracy_reconstructions"] = classifier.accuracy(recon, labels)
     real = classifier.features(images)
-    kid = dict(subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     others = {"reconstructions": recon, "samples": samples}
     if reference_images is not None:
         others["train_images"] = _as_images(reference_images)
+    features = {name: classifier.features(others[name]) for name in others}
+    kid = dict(subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     for name in ("reconstructions", "samples", "train_images"):
         if name not in others:
             results[f"fid_{name}"] = results[f"kid_{name}"] = float("nan")
             continue
-        features = classifier.features(others[name])
-        results[f"fid_{name}"] = frechet_distance(real, features)
-        results[f"kid_{name}"], std = kernel_distance(real, features, **kid)
+        results[f"fid_{name}"] = frechet_distance(real, features[name])
+        results[f"kid_{name}"], std = kernel_distance(real, features[name], **kid)
         if f"kid_{name}_std" in METRICS:
             results[f"kid_{name}_std"] = std
+    reference, reference_features = ((others["train_images"], features["train_images"])
+                                     if reference_images is not None else (images, real))
+    regions = class_regions(reference_features, classifier.probabilities(reference))
+    results["recognisable_real"] = float(np.mean(recognisable(
+        classifier.probabilities(images), real, regions)))
+    results.update(sample_class_metrics(classifier.probabilities(samples), features["samples"],
+                                        regions))
     return {key: results[key] for key in METRICS}
 
 
