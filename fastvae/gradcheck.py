@@ -177,6 +177,15 @@ def _kernel_cases(rng, dtype):
           1e-8, 3], [0, 2, 3]),
         ("sgd_update", "sgd_update", [rand(999), rand(999), rand(999), 1e-2, 0.9], [0, 2]),
     ]
+    for apply in (1.0, 0.0):  # equilibrium gating's mask, a 0-d array: applied and skipped
+        mask = np.asarray(apply)
+        cases += [
+            (f"adam_update apply {apply:g}", "adam_update",
+             [rand(999), rand(999), rand(999) * 0.1, np.abs(rand(999)) * 0.1, 1e-3, 0.5, 0.999,
+              1e-8, 3, mask], [0, 2, 3]),
+            (f"sgd_update apply {apply:g}", "sgd_update",
+             [rand(999), rand(999), rand(999), 1e-2, 0.9, mask], [0, 2]),
+        ]
     return cases
 
 

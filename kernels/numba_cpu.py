@@ -481,8 +481,11 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
                  float(scale), _flat_out(grad_mu), _flat_out(grad_log_var))
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
-    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None):
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
+    `apply` 0 (a 0-d array on the host) skips it, as in the reference."""
+    if apply is not None and not apply:
+        return
     real = param.dtype.type
     beta1, beta2 = float(beta1), float(beta2)
     _adam(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
@@ -490,7 +493,9 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
           real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)), real(eps))
 
 
-def sgd_update(param, grad, velocity, lr, momentum):
-    """One step of SGD with (heavy-ball) momentum, in place."""
+def sgd_update(param, grad, velocity, lr, momentum, apply=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `apply` 0 skips it."""
+    if apply is not None and not apply:
+        return
     real = param.dtype.type
     _sgd(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum))

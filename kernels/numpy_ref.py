@@ -112,8 +112,14 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
     grad_log_var[...] = grad_z * eps * 0.5 * std + scale * 0.5 * (std * std - 1)
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
-    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None):
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
+
+    `apply`, a 0-d array holding 1.0 or 0.0 (None: 1), skips the whole update where it is 0:
+    parameters and moments keep their values (the caller leaves the step count as it was).
+    """
+    if apply is not None and not apply:
+        return
     exp_avg *= beta1
     exp_avg += (1 - beta1) * grad
     exp_avg_sq *= beta2
@@ -123,8 +129,10 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
     param -= lr * avg_hat / (np.sqrt(avg_sq_hat) + eps)
 
 
-def sgd_update(param, grad, velocity, lr, momentum):
-    """One step of SGD with (heavy-ball) momentum, in place."""
+def sgd_update(param, grad, velocity, lr, momentum, apply=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `apply` 0 skips it (as Adam's)."""
+    if apply is not None and not apply:
+        return
     velocity *= momentum
     velocity += grad
     param -= lr * velocity
