@@ -30,6 +30,7 @@ class Config:
     reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
     gamma: float = 1.0                        # weight of reconstruction vs adversarial in the decoder
+    kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
     lr_encoder: float = 2e-4                  # learning rate of the encoder's optimizer
@@ -84,6 +85,7 @@ class Config:
             (-len(self.discriminator_widths) <= self.feature_layer < len(self.discriminator_widths),
              f"feature_layer {self.feature_layer} is not a discriminator hidden layer"),
             (self.gamma >= 0, "gamma must be non-negative"),
+            (self.kl_weight > 0, "kl_weight must be positive"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
             (min(self.lr_encoder, self.lr_decoder, self.lr_discriminator) > 0,
              "learning rates must be positive"),

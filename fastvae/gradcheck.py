@@ -121,7 +121,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
 
     losses()
     grads = {name: np.array(grad) for name, grad in model.grads.items()}
-    label = f"{config.mode}/{config.reconstruction}"
+    label = f"{config.mode}/{config.reconstruction}" + (
+        f" kl x{config.kl_weight:g}" if config.kl_weight != 1 else "")
     checks = []
     for name, params in model.params.items():
         coords = _coords(params.size, count, rng)
@@ -134,7 +135,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
 def all_model_checks(seed=0):
     return (model_checks(small_config(), seed)
             + model_checks(small_config(reconstruction="feature", feature_layer=0), seed)
-            + model_checks(small_config(mode="vae"), seed))
+            + model_checks(small_config(mode="vae"), seed)
+            + model_checks(small_config(kl_weight=0.3, gamma=0.2), seed))
 
 
 def _kernel_cases(rng, dtype):
