@@ -25,10 +25,7 @@ class CapturedStep:
         for optimizer in model.optimizers.values():
             optimizer.count_on_device()
         self._warm_up()
-        counts = {name: opt.step_count for name, opt in model.optimizers.items()}
-        self.graph = capture(lambda: model.train_step(self.x))
-        for name, optimizer in model.optimizers.items():  # recording ran no step
-            optimizer.step_count = counts[name]
+        self.graph = capture(lambda: model.train_step(self.x))  # runs nothing: counts stay
 
     def _warm_up(self):
         """One eager step with fixed noise, then undone: it compiles every kernel and makes
@@ -40,8 +37,7 @@ class CapturedStep:
                          for key, value in optimizer.state().items()})
                  for name, optimizer in model.optimizers.items()}
         zeros = np.zeros((len(self.x), model.config.latent_dim))
-        model.compute_gradients(self.x, eps=zeros, prior_z=zeros)
-        model.apply_gradients()
+        model.apply_gradients(model.compute_gradients(self.x, eps=zeros, prior_z=zeros))
         for name, (params, state) in saved.items():
             model.params[name][...] = params
             model.optimizers[name].load_state(state)
@@ -57,9 +53,5 @@ class CapturedStep:
                              f"got {x.shape}")
         if x is not self.x:
             self.x[...] = x
-        optimizers = self.model.optimizers.values()
-        counts = [optimizer.step_count for optimizer in optimizers]
-        self.graph.launch()
-        for optimizer, count in zip(optimizers, counts):  # the device counts advanced too
-            optimizer.step_count = count + 1
+        self.graph.launch()   # advances the optimizers' device counts (by their masks)
         return self.graph.result

@@ -40,6 +40,12 @@ class Config:
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
     betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
     clip_grad_norm: float = 0.0               # clip each network's gradient to this L2 norm; 0: off
+    gating: bool = False                      # Larsen's equilibrium gating: the discriminator skips
+                                              # its update while its real or fake BCE is below
+                                              # equilibrium - margin, the decoder while either
+                                              # is above equilibrium + margin (never both)
+    equilibrium: float = 0.68                 # the gating's equilibrium BCE (about -log 0.5)
+    margin: float = 0.4                       # the gating's margin (the authors' code: 0.4)
     # --- training ---
     epochs: int = 10                          # passes over the training set
     batch_size: int = 128                     # images per training step
@@ -92,6 +98,8 @@ class Config:
             (all(0 <= b < 1 for b in self.betas_encoder + self.betas_decoder
                  + self.betas_discriminator), "betas must lie in [0, 1)"),
             (self.clip_grad_norm >= 0, "clip_grad_norm must be non-negative (0 turns it off)"),
+            (self.equilibrium > 0 and self.margin >= 0,
+             "equilibrium must be positive and margin non-negative"),
             (self.epochs >= 0, "epochs must be non-negative"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),

@@ -8,6 +8,7 @@ import numpy as np
 from fastvae import losses
 from fastvae.backend import Backend, get_backend
 from fastvae.config import Config
+from fastvae.gating import equilibrium_masks
 from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
 from fastvae.optim import SGD, Adam
 
@@ -126,15 +127,26 @@ class VAEGAN:
     def train_step(self, x):
         """One update of all three networks on batch `x`; returns the losses (0-d arrays)."""
         step_losses = self.compute_gradients(x)
-        self.apply_gradients()
+        self.apply_gradients(step_losses)
         return step_losses
 
-    def apply_gradients(self):
-        """Step every network's optimizer, clipping gradient norms first when configured."""
+    def update_masks(self, step_losses):
+        """Per network, None (always update) or the 0-d mask of equilibrium gating."""
+        masks = dict.fromkeys(self.optimizers)
+        if self.config.gating and self.discriminator is not None:
+            masks["discriminator"], masks["decoder"] = equilibrium_masks(
+                step_losses["disc_real"], step_losses["disc_fake"], self.config.equilibrium,
+                self.config.margin, self.backend.xp)
+        return masks
+
+    def apply_gradients(self, step_losses=None):
+        """Step every network's optimizer, clipping gradient norms first when configured, and
+        skipping the updates that gating masks off (given the step's losses)."""
+        masks = self.update_masks(step_losses) if step_losses is not None else {}
         for name, optimizer in self.optimizers.items():
             if self.config.clip_grad_norm > 0:
                 self._clip(self.grads[name], self.config.clip_grad_norm)
-            optimizer.step()
+            optimizer.step(masks.get(name))
 
     def _clip(self, grads, max_norm):
         """Scale `grads` down to L2 norm `max_norm` if larger (on the device, no sync)."""

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
+from fastvae import Backend
 from fastvae.gating import equilibrium_masks
+from fastvae.gradcheck import small_config
+from fastvae.model import VAEGAN
 
 EQUILIBRIUM, MARGIN = 0.68, 0.4   # the authors' values: skip D below 0.28, G above 1.08
 
@@ -21,3 +24,33 @@ def test_masks_follow_the_equilibrium_rule(real, fake, train_d, train_g):
     for mask, want in zip(masks, (train_d, train_g)):
         assert isinstance(mask, np.ndarray) and mask.shape == () and mask.dtype == np.float64
         assert float(mask) == want
+
+
+def _one_step_changes(**gating):
+    """Which networks' parameters one gated training step changed, and the step counts."""
+    model = VAEGAN(small_config(gating=True, **gating), Backend("numpy", "float64"))
+    before = {name: params.copy() for name, params in model.params.items()}
+    x = np.random.default_rng(0).uniform(size=(8, model.config.image_size))
+    model.train_step(x)
+    changed = {name: not np.array_equal(before[name], params)
+               for name, params in model.params.items()}
+    counts = {name: optimizer.step_count for name, optimizer in model.optimizers.items()}
+    return changed, counts
+
+
+@pytest.mark.parametrize("gating, skipped", [
+    ({"equilibrium": 5.0, "margin": 0.1}, "discriminator"),  # BCE ~0.7 < 4.9: D far ahead
+    ({"equilibrium": 0.05, "margin": 0.01}, "decoder"),      # BCE ~0.7 > 0.06: D far behind
+    ({"equilibrium": 0.69, "margin": 5.0}, None),            # inside the margin: all update
+])
+def test_a_gated_step_leaves_the_skipped_network_and_its_count_untouched(gating, skipped):
+    changed, counts = _one_step_changes(**gating)
+    for name in ("encoder", "decoder", "discriminator"):
+        assert changed[name] == (name != skipped), name
+        assert counts[name] == (0 if name == skipped else 1), name
+
+
+def test_gating_off_updates_every_network_whatever_the_losses():
+    model = VAEGAN(small_config(equilibrium=5.0, margin=0.1), Backend("numpy", "float64"))
+    model.train_step(np.random.default_rng(0).uniform(size=(8, model.config.image_size)))
+    assert all(optimizer.step_count == 1 for optimizer in model.optimizers.values())
