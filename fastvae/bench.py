@@ -80,7 +80,7 @@ def _backward(network, layers, rows, *, param_grads, input_grad, start=None):
 
 
 def step_products(config, batch):
-    """Every matrix product one `VAEGAN.train_step` on `batch` rows computes, in order.
+    """Every matrix product one `TrainState.step` on `batch` rows computes, in order.
 
     Mirrors `compute_gradients` / `_adversarial_gradients`: the discriminator runs once on
     (3B, pixels) [real; reconstructions; prior samples], the decoder once on (2B, latent);

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastvae import kernels
-from fastvae.checkpoint import CheckpointError
+from fastvae.errors import CheckpointError
 from fastvae.config import Config, field_comments
 from fastvae.data import DataError
 from fastvae.images import ImageError
@@ -71,12 +71,12 @@ def cmd_train(args):
 
 
 def _load_model(args):
-    from fastvae.model import VAEGAN
-    return VAEGAN.load(args.checkpoint, args.backend)
+    from fastvae.state import load_model
+    return load_model(args.checkpoint, args.backend)
 
 
 def cmd_reconstruct(args):
-    from fastvae import data, evaluate, images, viz
+    from fastvae import data, images, metrics, viz
     model = _load_model(args)
     if args.images:
         originals, names = images.load_digits(args.images), [str(p) for p in args.images]
@@ -90,8 +90,7 @@ def cmd_reconstruct(args):
         originals = data.to_unit_float(test[indices], dtype="float64")
         names = [f"test[{i}]" for i in indices]
     recon = model.reconstruct(originals)
-    bce = evaluate.bernoulli_nll(originals, recon)
-    mse = np.mean((recon - originals) ** 2, axis=1)
+    bce, mse = metrics.reconstruction_errors(model, originals)
     print(f"{'image':<24} {'BCE (nats)':>10} {'MSE':>8}")
     for name, b, m in zip(names, bce, mse):
         print(f"{name:<24} {b:>10.2f} {m:>8.4f}")

@@ -1,7 +1,8 @@
 """The three networks and the VAE-GAN of Larsen et al. 2015 built from them.
 
-The model knows nothing of data files or training loops: `train_step(x)` takes one batch
-(a backend array of shape (batch, image_size) with values in [0, 1]) and returns the losses.
+The model knows nothing of data files or training: `compute_gradients(x)` takes one batch
+(a backend array of shape (batch, image_size) with values in [0, 1]), returns the losses and
+leaves every network's gradient in `grads`; `fastvae.state.TrainState` applies them.
 """
 import numpy as np
 
@@ -9,7 +10,6 @@ from fastvae import losses
 from fastvae.backend import Backend, get_backend
 from fastvae.config import Config
 from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
-from fastvae.optim import SGD, Adam
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 
@@ -64,14 +64,6 @@ def Discriminator(config, rng, backend):
                final_sigmoid=True)
 
 
-def make_optimizer(config, network, params, grads, backend):
-    lr = getattr(config, "lr_" + network)
-    betas = getattr(config, "betas_" + network)
-    if config.optimizer == "sgd":
-        return SGD(params, grads, lr=lr, momentum=betas[0], backend=backend)
-    return Adam(params, grads, lr=lr, betas=betas, backend=backend)
-
-
 class VAEGAN:
     """Encoder, decoder (generator) and discriminator, trained as in Larsen et al. 2015.
 
@@ -101,12 +93,9 @@ class VAEGAN:
         linears = {"encoder": self.encoder.linears(), "decoder": self.decoder.linears()}
         if self.discriminator is not None:
             linears["discriminator"] = self.discriminator.linears()
-        self.params, self.grads, self.optimizers = {}, {}, {}
+        self.params, self.grads = {}, {}   # per network: one flat buffer each
         for name, layers in linears.items():
             self.params[name], self.grads[name] = pack_parameters(layers, self.backend)
-            self.optimizers[name] = make_optimizer(
-                self.config, name, self.params[name], self.grads[name], self.backend
-            )
         self._buffers = {}
 
     def _buffer(self, name, shape):
@@ -121,25 +110,7 @@ class VAEGAN:
         out[...] = self.backend.asarray(given)
         return out
 
-    # ----- training -----
-
-    def train_step(self, x):
-        """One update of all three networks on batch `x`; returns the losses (0-d arrays)."""
-        step_losses = self.compute_gradients(x)
-        self.apply_gradients()
-        return step_losses
-
-    def apply_gradients(self):
-        """Step every network's optimizer, clipping gradient norms first when configured."""
-        for name, optimizer in self.optimizers.items():
-            if self.config.clip_grad_norm > 0:
-                self._clip(self.grads[name], self.config.clip_grad_norm)
-            optimizer.step()
-
-    def _clip(self, grads, max_norm):
-        """Scale `grads` down to L2 norm `max_norm` if larger (on the device, no sync)."""
-        xp = self.backend.xp
-        grads *= xp.minimum(1.0, max_norm / (xp.linalg.norm(grads) + 1e-12)).astype(grads.dtype)
+    # ----- gradients -----
 
     def compute_gradients(self, x, eps=None, prior_z=None):
         """Losses of batch `x` and every network's gradient; `eps`, `prior_z` fix the noise."""
@@ -253,11 +224,6 @@ class VAEGAN:
         backend.ops.activation_backward("sigmoid", recon_images, grad_recon_images, grad_rec)
         return reconstruction, grad_rec, grad_images
 
-    def non_finite_networks(self):
-        """Names of the networks with a NaN or infinite parameter (one host read each)."""
-        xp = self.backend.xp
-        return [name for name, params in self.params.items() if not bool(xp.isfinite(params).all())]
-
     # ----- inference (NumPy in, NumPy out) -----
 
     def _batches(self, images, batch_size=1000):
@@ -285,10 +251,10 @@ class VAEGAN:
                   for i in range(0, len(z), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0, self.config.image_size))
 
-    def reconstruct(self, images):
-        """Decoded posterior means: the model's reconstruction of each image."""
+    def reconstruct(self, images, logits=False):
+        """Decoded posterior means (or their logits): the model's reconstruction of each image."""
         mu, _ = self.encode(images)
-        return self.decode(mu)
+        return self.decode(mu, logits=logits)
 
     def sample(self, n, seed=None):
         """`n` images decoded from prior samples z ~ N(0, I)."""
@@ -301,16 +267,3 @@ class VAEGAN:
             raise ValueError("a plain VAE has no discriminator")
         return np.concatenate([self.backend.to_numpy(self.discriminator.forward(batch))
                                for batch in self._batches(images)]).reshape(-1)
-
-    # ----- persistence -----
-
-    def save(self, path, extra=None):
-        """Write a checkpoint atomically (see fastvae.checkpoint)."""
-        from fastvae import checkpoint
-        checkpoint.save(path, self, extra)
-
-    @classmethod
-    def load(cls, path, backend=None):
-        """A model restored from a checkpoint, on `backend` (default: the one it was saved from)."""
-        from fastvae import checkpoint
-        return checkpoint.load(path, backend)[0]
