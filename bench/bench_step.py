@@ -197,8 +197,6 @@ class TorchStep:
         self.dtype = getattr(torch, model.backend.dtype.name)
         self.device = device
         self.params, self.grads, self.optimizers, networks = {}, {}, {}, {}
-        for network in (model.encoder.body, model.decoder, model.discriminator):
-            network.stages()  # fuses each activation into its Linear, as the first forward does
         linears = {"encoder": model.encoder.linears(), "decoder": model.decoder.linears(),
                    "discriminator": model.discriminator.linears()}
         for name, layers in linears.items():

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from fastvae import archive
-from fastvae.backend import Backend, get_backend
+from fastvae.backend import resolve
 from fastvae.data import to_unit_float
 from fastvae.errors import CheckpointError
-from fastvae.layers import pack_parameters
+from fastvae.layers import Buffers, pack_parameters
 from fastvae.model import mlp
 from fastvae.optim import Adam
 from fastvae.state import TrainState
@@ -92,26 +92,22 @@ class Classifier:
 
     def __init__(self, settings=None, backend=None, image_size=784, rng=None):
         self.settings = settings or ClassifierSettings()
-        if isinstance(backend, Backend):
-            self.backend = backend
-        else:  # a name, or None for the default backend's kernels (FASTVAE_BACKEND)
-            self.backend = Backend(backend or get_backend().name, self.settings.dtype)
+        self.backend = resolve(backend, dtype=self.settings.dtype)
         self.image_size = image_size
         rng = rng if rng is not None else np.random.default_rng(self.settings.seed)
         sizes = (image_size,) + tuple(self.settings.widths) + (NUM_CLASSES,)
         self.network = mlp(sizes, "relu", "he", rng, self.backend)
+        self.feature_tap = f"hidden{len(self.settings.widths) - 1}"   # the last hidden layer
         params, grads = pack_parameters(self.network.linears(), self.backend)
         self.params, self.grads = {"network": params}, {"network": grads}
         self.info = {}   # training facts: seconds, test accuracy, backend
-        self._grad_logits = {}
+        self._buffers = Buffers(self.backend)
 
     def compute_gradients(self, x, labels):
         """Softmax cross-entropy of batch `x` (backend array) against integer `labels` (an
         `xp` array), leaving its gradient in `grads`; returns {"loss": 0-d array}."""
         logits = self.network.forward(x)
-        grad = self._grad_logits.get(logits.shape)
-        if grad is None:
-            grad = self._grad_logits[logits.shape] = self.backend.empty(logits.shape)
+        grad = self._buffers.get("grad_logits", logits.shape)
         loss, _ = softmax_cross_entropy(logits, labels, self.backend.xp, grad_out=grad)
         self.network.backward(grad, input_grad=False)
         return {"loss": loss}
@@ -124,8 +120,8 @@ class Classifier:
         images = as_float_images(images, self.image_size)
         for start in range(0, len(images), batch_size):
             batch = self.backend.asarray(images[start:start + batch_size])
-            logits = self.network.forward(batch)
-            features = self.network.stage_outputs[-2]
+            logits, taps = self.network.forward(batch, keep=(self.feature_tap,))
+            features = taps[self.feature_tap]
             yield self.backend.to_numpy(logits), self.backend.to_numpy(features)
 
     def logits(self, images):

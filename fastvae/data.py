@@ -29,7 +29,7 @@ SPLITS = ("train", "test")
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 20
 REDOWNLOAD_ADVICE = "delete it and run again to re-download, or replace it with a good copy"
-FOLDER_ADVICE = "pass --data-dir or set FASTVAE_DATA to a folder that has the files"
+FOLDER_ADVICE = "pass `data_dir` or set FASTVAE_DATA to a folder that has the files"
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def _temporary_file(folder: Path, name: str) -> Path:
     except OSError as error:
         raise DataError(
             f"cannot write to {folder} to download the dataset ({error}): "
-            "pass --data-dir or set FASTVAE_DATA to a writable folder or to one that has the files"
+            "pass `data_dir` or set FASTVAE_DATA to a writable folder or to one that has the files"
         ) from error
     os.close(handle)
     return Path(part_path)

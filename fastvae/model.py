@@ -7,22 +7,24 @@ leaves every network's gradient in `grads`; `fastvae.state.TrainState` applies t
 import numpy as np
 
 from fastvae import losses
-from fastvae.backend import Backend, get_backend
+from fastvae.backend import resolve
 from fastvae.config import Config
-from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
+from fastvae.layers import Buffers, Linear, NeuralNetwork, Sigmoid, pack_parameters
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 
 
 def mlp(sizes, activation, init, rng, backend, hidden_after_last=False, final_sigmoid=False):
-    """Linear layers through `sizes`, `activation` between them (after the last too if asked)."""
+    """Linear layers through `sizes` with `activation` fused into each hidden one (into the
+    last too if asked). Hidden layers are the taps "hidden0", "hidden1", ...; the last
+    Linear is "output" (unless it is hidden)."""
     network = NeuralNetwork(backend=backend)
     steps = list(zip(sizes[:-1], sizes[1:]))
     for index, (n_in, n_out) in enumerate(steps):
-        network.add(Linear(n_in, n_out, init=init, rng=rng, backend=backend))
-        is_last = index == len(steps) - 1
-        if activation != "identity" and (hidden_after_last or not is_last):
-            network.add(activation_layer(activation, backend))
+        hidden = hidden_after_last or index < len(steps) - 1
+        network.add(Linear(n_in, n_out, activation=activation if hidden else "identity",
+                           init=init, rng=rng, backend=backend),
+                    f"hidden{index}" if hidden else "output")
     if final_sigmoid:
         network.add(Sigmoid(backend))
     return network
@@ -78,11 +80,8 @@ class VAEGAN:
         config = config if config is not None else Config()
         self.config = config.replace(**overrides) if overrides else config
         init_seed, noise_seed = np.random.SeedSequence(self.config.seed).spawn(2)
-        if isinstance(backend, Backend):
-            self.backend = backend
-        else:
-            name = backend or self.config.backend or get_backend().name
-            self.backend = Backend(name, self.config.dtype, noise_seed, self.config.device_noise)
+        self.backend = resolve(backend or self.config.backend, dtype=self.config.dtype,
+                               seed=noise_seed, device_noise=self.config.device_noise)
         self.config = self.config.replace(backend=self.backend.name,
                                           dtype=self.backend.dtype.name)
         rng = np.random.default_rng(init_seed)
@@ -96,13 +95,14 @@ class VAEGAN:
         self.params, self.grads = {}, {}   # per network: one flat buffer each
         for name, layers in linears.items():
             self.params[name], self.grads[name] = pack_parameters(layers, self.backend)
-        self._buffers = {}
+        self._buffers = Buffers(self.backend)
 
     def _buffer(self, name, shape):
-        key = (name, tuple(shape))
-        if key not in self._buffers:
-            self._buffers[key] = self.backend.empty(shape)
-        return self._buffers[key]
+        return self._buffers.get(name, shape)
+
+    def _feature_tap(self):
+        """The discriminator layer of the learned-similarity loss (config.feature_layer)."""
+        return f"hidden{self.config.feature_layer % len(self.config.discriminator_widths)}"
 
     def _noise(self, out, given):
         if given is None:
@@ -155,7 +155,8 @@ class VAEGAN:
         images = self._buffer("d_in", (3 * batch, x.shape[1]))
         images[real] = x
         ops.activation_forward("sigmoid", logits, images[fake])
-        d_logits = self.discriminator.forward(images, logits=True)
+        d_logits, taps = self.discriminator.forward(images, logits=True,
+                                                    keep=(self._feature_tap(),))
 
         grad_d = self._buffer("grad_d", d_logits.shape)
         d_real, _ = losses.adversarial(d_logits[real], True, grad_out=grad_d[real], backend=backend)
@@ -178,7 +179,8 @@ class VAEGAN:
             grad_images = self.discriminator.backward(grad_g, logits=True, rows=fake,
                                                       param_grads=False)
         else:
-            reconstruction, grad_rec, grad_images = self._feature_gradients(grad_g, batch)
+            reconstruction, grad_rec, grad_images = self._feature_gradients(
+                grad_g, batch, taps[self._feature_tap()])
 
         grad_dec = self._buffer("grad_dec", logits.shape)
         ops.activation_backward("sigmoid", images[fake], grad_images, grad_dec)
@@ -199,15 +201,13 @@ class VAEGAN:
             "disc_fake": d_recon + d_prior,
         }
 
-    def _feature_gradients(self, grad_g, batch):
+    def _feature_gradients(self, grad_g, batch, features):
         """Larsen's learned similarity: 0.5 x squared error of a discriminator hidden layer.
 
         Returns the loss, its gradient at the reconstruction logits (for the encoder) and the
         gradient at the fake images of gamma x reconstruction + adversarial (for the decoder).
         """
-        backend, disc = self.backend, self.discriminator
-        layer = self.config.feature_layer % len(self.config.discriminator_widths)
-        features = disc.stage_outputs[layer]
+        backend, disc, layer = self.backend, self.discriminator, self._feature_tap()
         reconstruction, grad_features = losses.squared_error(
             features[batch:2 * batch], features[:batch], backend=backend,
             grad_out=self._buffer("grad_features", (batch, features.shape[1])),

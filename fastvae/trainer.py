@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastvae import data, metrics, viz
-from fastvae.errors import TrainingError
+from fastvae.errors import FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState, checkpoint_config, read_checkpoint
@@ -33,7 +33,7 @@ SHOWN = 64
 RESUMABLE = ("epochs", "backend", "cuda_graph")  # settings a resumed run may change
 
 
-class Interrupted(Exception):
+class Interrupted(FastvaeError):
     """Training stopped on request (Ctrl-C) after saving a checkpoint it can resume from."""
 
 
@@ -52,7 +52,7 @@ class Trainer:
                  log_every=50):
         self.config, self.run_dir = config, Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"run directory {self.run_dir} is a file: choose another --run-dir")
+            raise TrainingError(f"run directory {self.run_dir} is a file: choose another `run_dir`")
         self.data_dir, self.download = data_dir, download
         self.progress, self.log_every = progress, log_every
         self.model = None
@@ -76,7 +76,7 @@ class Trainer:
                                   self.config.test_limit or None)
         if len(train) < self.config.batch_size:
             raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
-                                f"{len(train)} training images: lower --batch-size")
+                                f"{len(train)} training images: lower `batch_size`")
         backend = self.model.backend
         self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
         self.test_images = data.to_unit_float(test, np, "float64")
@@ -92,8 +92,8 @@ class Trainer:
         self.config = self.model.config
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
-            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
-                                f"continue it, --overwrite to replace it, or another --run-dir")
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass `resume` to "
+                                f"continue it, `overwrite` to replace it, or another `run_dir`")
         if resume and path.exists():
             self.resume_from(path)
         self.prepare_step()
@@ -107,9 +107,9 @@ class Trainer:
                    for key, value in saved.to_dict().items()
                    if key not in RESUMABLE and value != self.config.to_dict()[key]]
         if changed:
-            raise TrainingError(f"--resume continues {path} with its own settings, but these "
+            raise TrainingError(f"`resume` continues {path} with its own settings, but these "
                                 f"differ: {'; '.join(changed)}. Drop those flags, or train "
-                                f"into a new --run-dir")
+                                f"into a new `run_dir`")
         extra = self.state.restore(header, arrays, path)
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
         self.order_rng.bit_generator.state = extra["order_rng"]
@@ -126,7 +126,11 @@ class Trainer:
         Ctrl-C (SIGINT) finishes the current step, saves a checkpoint there and raises
         `Interrupted`; `--resume` then continues exactly as if nothing had happened.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrainingError(f"cannot make the run directory {self.run_dir} ({error}): "
+                                f"choose another `run_dir`") from error
         for stale in self.run_dir.glob(".*.tmp"):    # left by a process killed mid-write
             stale.unlink()
         self.start(resume, overwrite)
@@ -207,7 +211,7 @@ class Trainer:
                 self.save_checkpoint()
                 raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {step} of "
                                   f"{steps}; checkpoint saved in {self.run_dir}: continue "
-                                  f"with --resume")
+                                  f"with `resume`")
         bar.close()
         seconds = time.perf_counter() - started
         self.epoch += 1
@@ -232,13 +236,13 @@ class Trainer:
             where = f"epoch {self.epoch + 1}, step {step}"
             what = (f"non-finite parameters in the {' and '.join(bad_networks)}" if bad_networks
                     else f"non-finite {', '.join(bad_losses)} loss")
-            rates = ", ".join(f"--lr-{name} {getattr(self.config, 'lr_' + name):g}"
+            rates = ", ".join(f"`lr_{name}` {getattr(self.config, 'lr_' + name):g}"
                               for name in (bad_networks or self.model.params))
             kept = (f"the last good checkpoint (epoch {self.epoch}) is kept in {self.run_dir}"
                     if self.epoch else "no checkpoint was written yet")
             raise TrainingError(f"{what} at {where}: training diverged, most likely from a "
                                 f"learning rate too high ({rates}) - lower it, or set "
-                                f"--clip-grad-norm; {kept}")
+                                f"`clip_grad_norm`; {kept}")
         return means
 
     # ----- outputs -----

@@ -31,11 +31,11 @@ import pytest
 from fastvae import gradcheck, kernels
 from fastvae.backend import Backend
 from fastvae.config import Config
-from fastvae.errors import ConfigError
+from fastvae.errors import BackendUnavailable, ConfigError
 from fastvae.kernels import cupy_gpu
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
-from fastvae.gradcheck import assert_close, assert_loss_close, to_host
+from kernel_asserts import assert_close, assert_loss_close, to_host
 from fastvae.state import TrainState, read_checkpoint
 from fastvae.trainer import Trainer
 
@@ -77,7 +77,7 @@ def test_module_imports_without_cupy(monkeypatch):
     tested with the other backends in test_kernels.py)."""
     path = importlib.util.find_spec("fastvae.kernels.cupy_gpu").origin
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
-    spec = importlib.util.spec_from_file_location("_cupy_gpu_without_cupy", path)
+    spec = importlib.util.spec_from_file_location("fastvae.kernels._cupy_gpu_without_cupy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.xp is None
@@ -104,7 +104,7 @@ def test_load_without_a_gpu_raises_backend_unavailable():
     assert "backend 'cupy' is not available" in message
     assert "no CUDA GPU is visible" in message and "--backend numpy" in message
     assert "cupy" not in kernels.available()
-    with pytest.raises(kernels.BackendUnavailable):
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible"):
         Backend("cupy")
 
 
@@ -479,8 +479,9 @@ def emulated(monkeypatch, cpu_libraries):
         cpu_libraries[("raw", None, dtype)], name))
     module = types.SimpleNamespace(xp=np, unavailable_reason=lambda: None,
                                    **{op: getattr(cupy_gpu, op) for op in kernels.OPS})
-    monkeypatch.setitem(kernels._MODULES, "cupy-emulated", module)
-    return "cupy-emulated"
+    kernels.register("cupy-emulated", module)
+    yield "cupy-emulated"
+    kernels.unregister("cupy-emulated")
 
 
 @pytest.fixture
@@ -711,7 +712,7 @@ def assert_steps_agree(eager, captured, batches, to_device, tol):
 def emulated_graphs(emulated, monkeypatch):
     """The emulated backend with ReplayByCalling for graphs and a NumPy generator as its
     "device" noise; returns the backend name."""
-    module = kernels._MODULES[emulated]
+    module = kernels.registered(emulated)
     monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
     monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
     monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
