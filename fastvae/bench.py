@@ -199,7 +199,7 @@ def summarise(records):
         mine = sorted((r for r in steps if r["batch"] == batch and r["dtype"] == dtype),
                       key=_row_order)
 
-        def find(kind, device, backend=None):
+        def find(kind, device, backend=None, mine=mine):
             for r in mine:
                 if r["kind"] == kind and r["device"] == device and backend in (None, r["backend"]):
                     return r["median"]

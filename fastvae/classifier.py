@@ -126,7 +126,7 @@ class Classifier:
 
     def logits(self, images):
         """Unnormalised class scores, (N, 10)."""
-        return np.concatenate([l for l, _ in self._forward(images)] or
+        return np.concatenate([logits for logits, _ in self._forward(images)] or
                               [np.empty((0, NUM_CLASSES))])
 
     def predict(self, images):
@@ -250,7 +250,8 @@ def load_or_train_classifier(data_dir=None, dataset="mnist", epochs=10, seed=0, 
         try:
             return Classifier.load(path, backend)
         except CheckpointError as error:
-            warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining")
+            warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining",
+                          stacklevel=2)
     train_x, train_y = data.load_split(dataset, "train", data_dir, download)
     if progress:
         print(f"training the {dataset} digit classifier ({epochs} epochs, once: it is cached "
@@ -264,5 +265,5 @@ def load_or_train_classifier(data_dir=None, dataset="mnist", epochs=10, seed=0, 
         model.info["cache"] = str(path)
     except OSError as error:
         warnings.warn(f"could not cache the classifier ({error}); it will be trained again "
-                      "next time")
+                      "next time", stacklevel=2)
     return model

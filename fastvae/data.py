@@ -343,7 +343,9 @@ def find_or_fetch(
     missing = [idx_file for idx_file in spec.files if _locate(folder, idx_file) is None]
     if not download:
         names = ", ".join(f"{idx_file.name}[.gz]" for idx_file in missing)
-        raise DataError(f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading")
+        raise DataError(
+            f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading"
+        )
     for idx_file in missing:
         _fetch(idx_file, folder, spec.mirrors if mirrors is None else mirrors, dataset, spec)
     if verify:

@@ -18,8 +18,12 @@ import math
 
 import numpy as np
 
-from fastvae.metrics import (as_unit_images, bernoulli_log_likelihood, gaussian_kl,
-                             reconstruction_errors)
+from fastvae.metrics import (
+    as_unit_images,
+    bernoulli_log_likelihood,
+    gaussian_kl,
+    reconstruction_errors,
+)
 
 LOG_2PI = math.log(2 * math.pi)
 

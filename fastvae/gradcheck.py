@@ -72,7 +72,7 @@ def check_layer(name, layer, x, rng, count=60):
     checks.append(Check(f"{name}: input", relative_error(
         grad_in.reshape(-1)[coords], numeric_gradient(loss, x, coords)), TOLERANCE))
     layers = layer.linears() if isinstance(layer, NeuralNetwork) else [layer]
-    for position, linear in enumerate(l for l in layers if isinstance(l, Linear)):
+    for position, linear in enumerate(item for item in layers if isinstance(item, Linear)):
         for (tensor, value), (_, grad) in zip(linear.parameters(), linear.gradients()):
             coords = _coords(value.size, count, rng)
             analytic = np.array(grad).reshape(-1)[coords]
@@ -123,7 +123,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
     checks = []
     for name, params in model.params.items():
         coords = _coords(params.size, count, rng)
-        numeric = numeric_gradient(lambda: float(losses()[name]), params, coords, MODEL_STEP)
+        numeric = numeric_gradient(lambda name=name: float(losses()[name]), params, coords,
+                                   MODEL_STEP)
         checks.append(Check(f"{label}: {name} loss", relative_error(grads[name][coords], numeric),
                             TOLERANCE))
     return checks

@@ -40,7 +40,7 @@ class TrainState:
         self.clip_grad_norm = (config.clip_grad_norm if clip_grad_norm is None
                                else clip_grad_norm)
         self.steps = {name: 0 for name in optimizers}   # updates applied, per network
-        self._device_steps = None  # the counts as 0-d device arrays while a graph records
+        self._device_steps = None  # with a graph: the counts as 0-d device arrays, advanced there
         self._graph = None
 
     # ----- the step -----
@@ -203,7 +203,11 @@ class CapturedStep:
         self._warm_up()
         state._device_steps = {name: backend.xp.asarray(float(count))
                                for name, count in state.steps.items()}
-        self.graph = capture(self._record)
+        try:
+            self.graph = capture(self._record)
+        except BaseException:
+            state._device_steps = None   # eager steps count on the host again
+            raise
 
     def _record(self):
         """The step as the graph records it: every count advanced on the device."""

@@ -13,7 +13,6 @@ from fastvae.config import Config
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState
 
-
 # ----- the matrix-product bound mirrors the model's step -----
 
 class MatmulSpy:

@@ -165,7 +165,7 @@ def test_gradient_clipping_bounds_each_networks_gradient_norm(mnist_subset):
     model.compute_gradients(x)
     assert max(float(np.linalg.norm(g)) for g in model.grads.values()) > 0.5
     state._apply_updates()
-    for name, grads in model.grads.items():
+    for grads in model.grads.values():
         assert float(np.linalg.norm(grads)) <= 0.5 * (1 + 1e-5)
 
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from kernel_asserts import assert_close, assert_loss_close, to_host
 
 from fastvae import gradcheck, kernels
 from fastvae.backend import Backend
@@ -35,7 +36,6 @@ from fastvae.errors import BackendUnavailable, ConfigError
 from fastvae.kernels import cupy_gpu
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
-from kernel_asserts import assert_close, assert_loss_close, to_host
 from fastvae.state import TrainState, read_checkpoint
 from fastvae.trainer import Trainer
 
@@ -639,7 +639,7 @@ def test_model_gradients_match_finite_differences(backend_name):
     grads = {name: to_host(grad).copy() for name, grad in model.grads.items()}
     for name, params in model.params.items():
         coords = rng.choice(params.size, 25, replace=False)
-        numeric = gradcheck.numeric_gradient(lambda: float(to_host(losses()[name])), params, coords,
+        numeric = gradcheck.numeric_gradient(lambda name=name: float(to_host(losses()[name])), params, coords,
                                              gradcheck.MODEL_STEP)
         error = gradcheck.relative_error(grads[name][coords], numeric)
         assert error < gradcheck.TOLERANCE, (name, error)

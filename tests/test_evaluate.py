@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 
 from fastvae import cli, data, evaluate, kernels, metrics
-from fastvae.classifier import (Classifier, load_or_train_classifier, softmax_cross_entropy,
-                                train_classifier)
+from fastvae.classifier import (
+    Classifier,
+    load_or_train_classifier,
+    softmax_cross_entropy,
+    train_classifier,
+)
 from fastvae.config import Config
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState

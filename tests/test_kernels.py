@@ -12,7 +12,6 @@ import types
 
 import numpy as np
 import pytest
-
 from kernel_asserts import assert_close, assert_loss_close, to_host
 
 from fastvae import kernels

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from fastvae import Backend
-from fastvae import gradcheck
+from fastvae import Backend, gradcheck
 from fastvae.layers import Activation, Linear, NeuralNetwork, ReLU, Sigmoid, Tanh, pack_parameters
 
 
@@ -124,7 +123,7 @@ def test_same_rng_seed_gives_the_same_initialisation_and_init_options_differ():
 def test_packed_parameters_are_views_of_one_buffer():
     backend = Backend("numpy", "float64")
     layers = [Linear(3, 2, backend=backend), Linear(2, 4, backend=backend)]
-    before = [np.array(l.weight) for l in layers]
+    before = [np.array(layer.weight) for layer in layers]
     params, grads = pack_parameters(layers, backend)
     assert params.size == 3 * 2 + 2 + 2 * 4 + 4
     np.testing.assert_array_equal(layers[1].weight, before[1])

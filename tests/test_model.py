@@ -27,13 +27,13 @@ def test_each_networks_gradient_of_its_own_loss_matches_finite_differences(overr
 def test_adversarial_loss_never_reaches_the_encoder():
     """Encoder gradients are those of KL + reconstruction alone, whatever gamma does elsewhere."""
     rng = np.random.default_rng(0)
+    config = gradcheck.small_config()
+    x = rng.uniform(size=(4, config.image_size))
+    eps = rng.standard_normal((4, config.latent_dim))
+    prior = rng.standard_normal((4, config.latent_dim))
     grads = []
     for gamma in (0.3, 3.0):
-        config = gradcheck.small_config(gamma=gamma)
-        model = VAEGAN(config, Backend("numpy", "float64"))
-        x = rng.uniform(size=(4, config.image_size)) if not grads else x
-        eps = rng.standard_normal((4, config.latent_dim)) if not grads else eps
-        prior = rng.standard_normal((4, config.latent_dim)) if not grads else prior
+        model = VAEGAN(config.replace(gamma=gamma), Backend("numpy", "float64"))
         model.compute_gradients(x, eps, prior)
         grads.append({name: np.array(g) for name, g in model.grads.items()})
     np.testing.assert_allclose(grads[0]["encoder"], grads[1]["encoder"], rtol=1e-12)

@@ -115,7 +115,7 @@ FLAG_VALUES = {
 
 
 def test_no_train_arguments_end_in_a_traceback(tmp_path):
-    from hypothesis import given, settings, HealthCheck
+    from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     empty_data = tmp_path / "no-data"
