@@ -6,6 +6,7 @@ from fastvae import Backend
 from fastvae.gating import equilibrium_masks
 from fastvae.gradcheck import small_config
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState
 
 EQUILIBRIUM, MARGIN = 0.68, 0.4   # the authors' values: skip D below 0.28, G above 1.08
 
@@ -28,14 +29,12 @@ def test_masks_follow_the_equilibrium_rule(real, fake, train_d, train_g):
 
 def _one_step_changes(**gating):
     """Which networks' parameters one gated training step changed, and the step counts."""
-    model = VAEGAN(small_config(gating=True, **gating), Backend("numpy", "float64"))
-    before = {name: params.copy() for name, params in model.params.items()}
-    x = np.random.default_rng(0).uniform(size=(8, model.config.image_size))
-    model.train_step(x)
+    state = TrainState(VAEGAN(small_config(gating=True, **gating), Backend("numpy", "float64")))
+    before = {name: params.copy() for name, params in state.model.params.items()}
+    state.step(np.random.default_rng(0).uniform(size=(8, state.model.config.image_size)))
     changed = {name: not np.array_equal(before[name], params)
-               for name, params in model.params.items()}
-    counts = {name: optimizer.step_count for name, optimizer in model.optimizers.items()}
-    return changed, counts
+               for name, params in state.model.params.items()}
+    return changed, state.steps
 
 
 @pytest.mark.parametrize("gating, skipped", [
@@ -51,6 +50,7 @@ def test_a_gated_step_leaves_the_skipped_network_and_its_count_untouched(gating,
 
 
 def test_gating_off_updates_every_network_whatever_the_losses():
-    model = VAEGAN(small_config(equilibrium=5.0, margin=0.1), Backend("numpy", "float64"))
-    model.train_step(np.random.default_rng(0).uniform(size=(8, model.config.image_size)))
-    assert all(optimizer.step_count == 1 for optimizer in model.optimizers.values())
+    state = TrainState(VAEGAN(small_config(equilibrium=5.0, margin=0.1),
+                              Backend("numpy", "float64")))
+    state.step(np.random.default_rng(0).uniform(size=(8, state.model.config.image_size)))
+    assert state.steps == {name: 1 for name in state.optimizers}
