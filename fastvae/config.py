@@ -20,7 +20,9 @@ OPTIMIZERS = ("adam", "sgd")
 class Config:
     # --- model ---
     image_size: int = 784                     # pixels per image (28 x 28 for MNIST)
-    latent_dim: int = 128                     # size of z, and of the mu and log-variance heads
+    latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
+                                              # (16: the best prior samples in the sweep of
+                                              # docs/evaluation.md; 128 before)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
     decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
     discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
@@ -30,13 +32,14 @@ class Config:
     mode: str = "vaegan"                      # vaegan, or vae (no discriminator) for comparison
     reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
-    gamma: float = 1.0                        # weight of reconstruction vs adversarial in the decoder
+    gamma: float = 0.3                        # weight of reconstruction vs adversarial in the
+                                              # decoder (docs/method.md: the paper's is 2x)
     kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
-    lr_encoder: float = 2e-4                  # learning rate of the encoder's optimizer
-    lr_decoder: float = 2e-4                  # learning rate of the decoder's optimizer
-    lr_discriminator: float = 2e-4            # learning rate of the discriminator's optimizer
+    lr_encoder: float = 5e-4                  # learning rate of the encoder's optimizer
+    lr_decoder: float = 5e-4                  # learning rate of the decoder's optimizer
+    lr_discriminator: float = 5e-4            # learning rate of the discriminator's optimizer
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
     betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
@@ -48,7 +51,7 @@ class Config:
     equilibrium: float = 0.68                 # the gating's equilibrium BCE (about -log 0.5)
     margin: float = 0.4                       # the gating's margin (the authors' code: 0.4)
     # --- training ---
-    epochs: int = 10                          # passes over the training set
+    epochs: int = 20                          # passes over the training set
     batch_size: int = 128                     # images per training step
     seed: int = 0                             # seeds the weights, the noise and the data order
     dtype: str = "float32"                    # float32 | float64
