@@ -27,7 +27,9 @@ class TrainState:
 
     `optimizers` maps each name of `model.params` to its optimizer (default: as the model's
     config sets them); `clip_grad_norm` > 0 clips each network's gradient to that L2 norm
-    before its update (default: the config's).
+    before its update (default: the config's); `gating`, (equilibrium, margin), turns on
+    Larsen's equilibrium gating of the discriminator's and decoder's updates (default: the
+    config's `gating`, `equilibrium`, `margin`).
     """
 
     def __init__(self, model, optimizers=None, clip_grad_norm=None, gating=None):
