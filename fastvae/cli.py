@@ -18,9 +18,11 @@ from fastvae import kernels
 from fastvae.checkpoint import CheckpointError
 from fastvae.config import Config, field_comments
 from fastvae.data import DataError
+from fastvae.errors import ConfigError
 from fastvae.images import ImageError
 from fastvae.trainer import Interrupted, TrainingError
 
+MAX_SAMPLES = 1024  # the most `fastvae sample` draws into one picture (a 32 x 32 grid)
 USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
                kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
 
@@ -45,12 +47,23 @@ def _add_config_flags(parser):
             group.add_argument(flag, type=type(default), help=help_text, default=argparse.SUPPRESS)
 
 
+def _read_toml(path):
+    """The settings in TOML file `path`; ConfigError when it is unreadable or not TOML."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read the settings file {path} "
+                          f"({error.strerror or error}): check the --config path") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML ({error}): fix the line it names") from error
+
+
 def build_config(args, base=None):
     """Config from `base` (or the defaults), then the TOML file, then the flags given."""
     values = (base or Config()).to_dict()
     if getattr(args, "config", None):
-        with open(args.config, "rb") as file:
-            values.update(tomllib.load(file))
+        values.update(_read_toml(args.config))
     names = {field.name for field in dataclasses.fields(Config)}
     values.update({name: value for name, value in vars(args).items() if name in names})
     return Config.from_dict(values)
@@ -86,7 +99,7 @@ def cmd_reconstruct(args):
         indices = args.indices or list(range(16))
         bad = [i for i in indices if not 0 <= i < len(test)]
         if bad:
-            raise ValueError(f"test-set indices must lie in 0..{len(test) - 1}, got {bad}")
+            raise ConfigError(f"test-set indices must lie in 0..{len(test) - 1}, got {bad}")
         originals = data.to_unit_float(test[indices], dtype="float64")
         names = [f"test[{i}]" for i in indices]
     recon = model.reconstruct(originals)
@@ -103,8 +116,11 @@ def cmd_reconstruct(args):
 
 def cmd_sample(args):
     from fastvae import viz
-    if args.n < 1:
-        raise ValueError("-n must be at least 1")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"-n must lie in 1..{MAX_SAMPLES}, got {args.n}: one picture holds "
+                          f"at most {MAX_SAMPLES} samples (run again with another --seed for "
+                          f"more)")
+    _check_seed(args.seed)
     model = _load_model(args)
     viz.save_grid(args.output, model.sample(args.n, seed=args.seed), title="decoded prior samples")
     print(f"wrote {args.output}")
@@ -115,14 +131,15 @@ def cmd_evaluate(args):
     from fastvae import classifier, data, evaluate
     from fastvae.files import write_atomic
     if min(args.k, args.kid_subsets, args.classifier_epochs) < 1:
-        raise ValueError("--k, --kid-subsets and --classifier-epochs must be at least 1")
+        raise ConfigError("--k, --kid-subsets and --classifier-epochs must be at least 1")
     if min(args.samples, args.limit) < 0:
-        raise ValueError("--samples and --limit must not be negative")
+        raise ConfigError("--samples and --limit must not be negative")
+    _check_seed(args.seed)
     model = _load_model(args)
     dataset, download = model.config.dataset, not args.no_download
     test, labels = data.load_split(dataset, "test", args.data_dir, download, args.limit or None)
     if len(test) < 2 or args.samples == 1:
-        raise ValueError("the distances need at least 2 test images and 2 samples")
+        raise ConfigError("the distances need at least 2 test images and 2 samples")
     train, _ = data.load_split(dataset, "train", args.data_dir, download, len(test))
     digits = classifier.load_or_train_classifier(
         args.data_dir, dataset, epochs=args.classifier_epochs, backend=model.backend.name,
@@ -142,6 +159,11 @@ def cmd_evaluate(args):
         write_atomic(args.json, lambda file: file.write(text))
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_seed(seed):
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
 
 
 def cmd_gradcheck(args):
@@ -249,7 +271,7 @@ def main(argv=None):
         return 2
     except Interrupted as stop:
         print(f"fastvae {args.command}: {stop}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint written is intact",
               file=sys.stderr)

@@ -5,14 +5,18 @@ A copy is saved with every checkpoint; the CLI builds a flag for each field.
 import dataclasses
 import inspect
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
+from fastvae.errors import ConfigError
 from fastvae.kernels import ACTIVATIONS
 
 RECONSTRUCTIONS = ("pixel", "feature")
 MODES = ("vaegan", "vae")
 OPTIMIZERS = ("adam", "sgd")
+LENGTHS = {"betas_encoder": 2, "betas_decoder": 2, "betas_discriminator": 2}  # exact lengths
 
 
 @dataclass
@@ -58,13 +62,12 @@ class Config:
     extras: dict = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self):
-        for name in ("encoder_widths", "decoder_widths", "discriminator_widths",
-                     "betas_encoder", "betas_decoder", "betas_discriminator"):
-            setattr(self, name, tuple(getattr(self, name)))
+        for setting in dataclasses.fields(self):
+            setattr(self, setting.name, _typed(setting, getattr(self, setting.name)))
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first setting that cannot work."""
+        """Raise ConfigError naming the first setting that cannot work."""
         checks = [
             (self.image_size >= 1, "image_size must be at least 1"),
             (self.latent_dim >= 1, "latent_dim must be at least 1"),
@@ -91,13 +94,27 @@ class Config:
                  + self.betas_discriminator), "betas must lie in [0, 1)"),
             (self.clip_grad_norm >= 0, "clip_grad_norm must be non-negative (0 turns it off)"),
             (self.epochs >= 0, "epochs must be non-negative"),
+            (self.seed >= 0, f"seed must be non-negative, got {self.seed}"),
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),
             (self.train_limit >= 0 and self.test_limit >= 0, "limits must be non-negative"),
+            (self.test_limit != 1, "test_limit must be 0 (all) or at least 2: the pictures "
+                                   "interpolate between pairs of test images"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
+
+    def parameter_count(self):
+        """How many weights and biases the three networks hold (for memory and disk checks)."""
+        def linears(sizes):
+            return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        encoder = linears((self.image_size,) + self.encoder_widths)
+        encoder += 2 * linears((self.encoder_widths[-1], self.latent_dim))
+        decoder = linears((self.latent_dim,) + self.decoder_widths + (self.image_size,))
+        discriminator = (linears((self.image_size,) + self.discriminator_widths + (1,))
+                         if self.mode == "vaegan" else 0)
+        return encoder + decoder + discriminator
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -111,11 +128,55 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**values)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _typed(setting, value):
+    """`value` as the type of Config field `setting`; ConfigError naming the field otherwise."""
+    name, kind = setting.name, setting.type
+    if kind is tuple:
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        element = type(setting.default[0])
+        values = tuple(_scalar(f"{name} entries", element, item) for item in value)
+        if name in LENGTHS and len(values) != LENGTHS[name]:
+            raise ConfigError(f"{name} takes exactly {LENGTHS[name]} values, got {len(values)}")
+        return values
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of notes, got {value!r}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{name} must hold only strings, numbers, booleans, lists and "
+                              f"tables (it is saved as JSON): {error}") from error
+        return value
+    return _scalar(name, kind, value)
+
+
+def _scalar(name, kind, value):
+    """`value` as a bool, int, float or str; ints refuse fractions, floats refuse nan and inf."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def field_comments():
