@@ -17,6 +17,7 @@ from fastvae.files import write_atomic
 
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
+HEADER_KEYS = ("config", "step_counts", "noise_rng", "extra", "sha256")
 
 
 def _digest(arrays):
@@ -65,7 +66,11 @@ def read_archive(path, kind="checkpoint"):
     if not path.is_file():
         raise CheckpointError(f"{kind} {path} does not exist (or is not a file)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path} holds a single array (.npy), not a fastvae {kind}: "
+                                  f"give the .npz that fastvae wrote")
+        with loaded as archive:
             if "header" not in archive.files:
                 raise CheckpointError(f"{path} is not a fastvae {kind} (no header)")
             header = json.loads(archive["header"].tobytes().decode())
@@ -75,6 +80,9 @@ def read_archive(path, kind="checkpoint"):
             raise
         raise CheckpointError(f"{path} is not a readable {kind} (truncated or not a "
                               f"fastvae file: {error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a fastvae {kind} (its header is not a JSON "
+                              f"object)")
     return header, arrays
 
 
@@ -86,6 +94,10 @@ def read(path):
     if header.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {header.get('version')}; "
                               f"this fastvae reads version {VERSION}")
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if missing or not isinstance(header["config"], dict):
+        raise CheckpointError(f"{path} is damaged: its header lacks "
+                              f"{', '.join(missing) or 'a valid config'}; use another checkpoint")
     if _digest(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path} is corrupted: its arrays do not match their checksum")
     return header, arrays
@@ -99,6 +111,12 @@ def restore(model, header, arrays, path="checkpoint"):
             found = arrays[key].shape if key in arrays else "nothing"
             raise CheckpointError(f"{path} does not fit this model: {key} should have shape "
                                   f"{value.shape}, found {found}")
+    bad = [key.split("/")[1] for key in expected
+           if key.startswith("params/") and not np.isfinite(arrays[key]).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite parameters in the {' and '.join(bad)} "
+                              f"(saved from a run that diverged): use an earlier checkpoint, or "
+                              f"train again with a lower learning rate")
     for name, params in model.params.items():
         params[...] = model.backend.asarray(arrays[f"params/{name}"])
     for name, optimizer in model.optimizers.items():

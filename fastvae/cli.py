@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,12 @@ from fastvae import kernels
 from fastvae.checkpoint import CheckpointError
 from fastvae.config import Config, field_comments
 from fastvae.data import DataError
-from fastvae.errors import ConfigError
+from fastvae.errors import ConfigError, FastvaeError
 from fastvae.images import ImageError
 from fastvae.trainer import Interrupted, TrainingError
 
 MAX_SAMPLES = 1024  # the most `fastvae sample` draws into one picture (a 32 x 32 grid)
-USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
+USER_ERRORS = (FastvaeError, ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
                kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
 
 
@@ -260,7 +261,16 @@ def make_parser():
 
 
 def main(argv=None):
+    """Run one command; Python warnings (NumPy's overflow notes, PIL's) are hidden so that a
+    mistake reads as one line (FASTVAE_DEBUG=1 shows them, and tracebacks)."""
     args = make_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not os.environ.get("FASTVAE_DEBUG"):
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args):
     try:
         return args.func(args)
     except USER_ERRORS as error:

@@ -26,6 +26,11 @@ class ImageError(FastvaeError, ValueError):
     """A user image that cannot be used, with a message naming the file and the fix."""
 
 
+class OutputError(FastvaeError, OSError):
+    """An output file that cannot be written (no name, a file where a folder must be, a full
+    disk); whatever was there before is unchanged."""
+
+
 class TrainingError(FastvaeError, RuntimeError):
     """Training cannot go on (a non-finite loss, an unusable run directory)."""
 
