@@ -33,6 +33,7 @@ LOSS_KEYS = ("discriminator", "disc_real", "disc_fake", "kl", "reconstruction", 
 METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "seconds",
                                                   "samples_per_s")
 SHOWN = 64
+MEMORY_ADVICE = "lower latent_dim or the layer widths"
 # settings a resumed run may change; changes of the last four are kept in the run's history
 RESUMABLE = ("epochs", "backend", "cuda_graph", "lr_encoder", "lr_decoder", "lr_discriminator",
              "clip_grad_norm")
@@ -108,20 +109,26 @@ class Trainer:
         self.prior_z = np.random.default_rng(self.config.seed).standard_normal(
             (SHOWN, self.config.latent_dim))
 
-    def build_model(self):
-        """The model of self.config, refused up front when it cannot fit in this machine's
-        memory (parameters, gradients and two optimizer moments each)."""
-        needed = 4 * self.config.parameter_count() * np.dtype(self.config.dtype).itemsize
-        physical = _physical_memory()
-        advice = "lower latent_dim or the layer widths"
+    def _model_bytes(self):
+        """Memory of the model's parameters, gradients and two optimizer moments."""
+        return 4 * self.config.parameter_count() * np.dtype(self.config.dtype).itemsize
+
+    def check_memory(self):
+        """ConfigError when the model cannot fit in this machine's memory."""
+        needed, physical = self._model_bytes(), _physical_memory()
         if physical and needed > physical:
             raise ConfigError(f"the model needs about {needed / 1e9:.1f} GB, more than this "
-                              f"machine's {physical / 1e9:.1f} GB of memory: {advice}")
+                              f"machine's {physical / 1e9:.1f} GB of memory: {MEMORY_ADVICE}")
+
+    def build_model(self):
+        """The model of self.config, refused up front when it cannot fit in memory."""
+        self.check_memory()
         try:
             return VAEGAN(self.config)
         except MemoryError as error:
-            raise ConfigError(f"out of memory building the model (about {needed / 1e9:.1f} GB "
-                              f"of parameters and optimizer state): {advice}") from error
+            raise ConfigError(f"out of memory building the model (about "
+                              f"{self._model_bytes() / 1e9:.1f} GB of parameters and optimizer "
+                              f"state): {MEMORY_ADVICE}") from error
 
     def start(self, resume=False, overwrite=False):
         """Build the model (so an unknown or missing backend is the first error), then restore
@@ -185,7 +192,8 @@ class Trainer:
         Ctrl-C (SIGINT), SIGTERM and SIGHUP finish the current step, save a checkpoint there
         and raise `Interrupted`; `--resume` then continues exactly as if nothing had happened.
         """
-        checkpoint_bytes = 3 * self.config.parameter_count() * np.dtype(self.config.dtype).itemsize
+        self.check_memory()
+        checkpoint_bytes = 3 * self._model_bytes() // 4   # parameters and the moments
         with rundir.claim(self.run_dir, 2 * checkpoint_bytes):
             self.start(resume, overwrite)
             rundir.remove_stale_temporaries(self.run_dir)

@@ -171,7 +171,11 @@ def test_run_directory_mistakes_are_refused_before_training(tmp_path, mnist_dir,
     assert not (tmp_path / "typo").exists() or not any((tmp_path / "typo").iterdir())
 
 
-def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, capsys):
+    for flags in (["--latent-dim", "1000000000"], ["--encoder-widths", "1000000000", "8"]):
+        assert cli.main(["train", "--run-dir", str(tmp_path / "run"), *flags]) == 2
+        assert "more than this machine's" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="more than this machine's .* memory"):
         Trainer(Config(latent_dim=10**9), tmp_path).build_model()
     with pytest.raises(ConfigError, match="lower latent_dim or the layer widths"):
