@@ -1,9 +1,19 @@
 """Atomic file replacement: a crash mid-write never leaves a half-written file behind."""
 import os
+import re
 import secrets
 from pathlib import Path
 
 from fastvae.errors import OutputError
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # the names below: .NAME.PID.HEX.tmp
+
+
+def temporary_writer(name):
+    """The PID of the process that was writing temporary file `name` here, or None when
+    `name` is not one of write_atomic's temporaries."""
+    match = _TEMPORARY.match(name)
+    return int(match[1]) if match else None
 
 
 def _make_parent(path):

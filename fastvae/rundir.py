@@ -1,21 +1,20 @@
 """The run directory: one training at a time holds it, and it is usable before the first epoch.
 
 `claim(run_dir)` takes a lock file holding the trainer's PID (an flock, which the kernel drops
-when the process dies, so a lock left by a killed run never blocks), checks that the folder can
-be written and has room for a checkpoint, and only then removes this program's temporaries left
-by dead processes.
+when the process dies, so a lock left by a killed run never blocks) and checks that the folder
+can be written and has room for a checkpoint; `remove_stale_temporaries` then removes only
+this program's half-written files whose writers are dead.
 """
 import contextlib
 import os
-import re
 import shutil
 from pathlib import Path
 
 from fastvae.errors import TrainingError
+from fastvae.files import temporary_writer
 
 LOCK = ".fastvae.lock"
 SPARE_BYTES = 16 << 20  # room for the pictures and metrics beside the checkpoints
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # files.write_atomic's names
 
 try:
     import fcntl
@@ -47,7 +46,10 @@ def _lock(run_dir):
     """An open descriptor holding the run directory's lock; TrainingError if a live run has it."""
     path = run_dir / LOCK
     while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _unwritable(run_dir, error) from error
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -75,12 +77,19 @@ def _release(run_dir, descriptor):
     os.close(descriptor)
 
 
+def _unwritable(run_dir, error):
+    return TrainingError(f"cannot write into the run directory {run_dir} "
+                         f"({error.strerror or error}): fix its permissions or choose "
+                         f"another --run-dir")
+
+
 def remove_stale_temporaries(run_dir):
     """Delete the half-written files (`.NAME.PID.XXXXXXXX.tmp`) of processes no longer running."""
     for path in run_dir.iterdir():
-        match = _TEMPORARY.match(path.name)
-        if match and path.is_file() and not _alive(int(match[1])):
-            path.unlink(missing_ok=True)
+        writer = temporary_writer(path.name)
+        if writer is not None and path.is_file() and not _alive(writer):
+            with contextlib.suppress(OSError):   # not ours to remove after all: leave it
+                path.unlink()
 
 
 def check_usable(run_dir, needed_bytes):
@@ -90,9 +99,7 @@ def check_usable(run_dir, needed_bytes):
         with open(probe, "xb") as file:
             file.write(b"probe")
     except OSError as error:
-        raise TrainingError(f"cannot write into the run directory {run_dir} "
-                            f"({error.strerror or error}): fix its permissions or choose "
-                            f"another --run-dir") from error
+        raise _unwritable(run_dir, error) from error
     finally:
         probe.unlink(missing_ok=True)
     free = shutil.disk_usage(run_dir).free
@@ -116,12 +123,11 @@ def make(run_dir):
 
 @contextlib.contextmanager
 def claim(run_dir, needed_bytes=0):
-    """Hold `run_dir` for one training: locked, writable, with room, stale temporaries gone."""
+    """Hold `run_dir` for one training: created, locked, writable, with room."""
     run_dir = make(run_dir)
     descriptor = _lock(run_dir) if fcntl is not None else None
     try:
         check_usable(run_dir, needed_bytes)
-        remove_stale_temporaries(run_dir)
         yield run_dir
     finally:
         if descriptor is not None:

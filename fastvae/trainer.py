@@ -133,12 +133,23 @@ class Trainer:
     def start(self, resume=False, overwrite=False):
         """Build the model (so an unknown or missing backend is the first error), then restore
         it and the run's state from the run's checkpoint when resuming."""
-        if resume and overwrite:
-            raise ConfigError("resume and overwrite contradict each other: --resume continues "
-                              "the run's checkpoint, --overwrite replaces it; pass one")
+        self._check_resume(resume, overwrite)
         self.model = self.build_model()
         self.config = self.model.config
         path = self.run_dir / CHECKPOINT
+        if path.exists() and not (resume or overwrite):
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
+                                f"continue it, --overwrite to replace it, or another --run-dir")
+        if resume:
+            self._restore(path)
+
+    def _check_resume(self, resume, overwrite):
+        """ConfigError or TrainingError when resume and overwrite cannot both be meant, or
+        when there is no checkpoint file to resume."""
+        path = self.run_dir / CHECKPOINT
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite contradict each other: --resume continues "
+                              "the run's checkpoint, --overwrite replaces it; pass one")
         if path.exists() and not path.is_file():
             raise TrainingError(f"{path} is not a file, so it cannot be a checkpoint: move it "
                                 f"away or choose another --run-dir")
@@ -146,11 +157,6 @@ class Trainer:
             raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint to continue "
                                 f"(no {CHECKPOINT}): check --run-dir, or drop --resume to start "
                                 f"a new run")
-        if path.exists() and not (resume or overwrite):
-            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
-                                f"continue it, --overwrite to replace it, or another --run-dir")
-        if resume:
-            self._restore(path)
 
     def _restore(self, path):
         """The model and the run's state from checkpoint `path`; changed settings checked."""
@@ -192,6 +198,7 @@ class Trainer:
         Ctrl-C (SIGINT), SIGTERM and SIGHUP finish the current step, save a checkpoint there
         and raise `Interrupted`; `--resume` then continues exactly as if nothing had happened.
         """
+        self._check_resume(resume, overwrite)   # before the run directory is made
         self.check_memory()
         checkpoint_bytes = 3 * self._model_bytes() // 4   # parameters and the moments
         with rundir.claim(self.run_dir, 2 * checkpoint_bytes):

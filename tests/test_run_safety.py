@@ -168,7 +168,7 @@ def test_run_directory_mistakes_are_refused_before_training(tmp_path, mnist_dir,
         assert cli.main(train + flags) == 2, message
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "typo").exists() or not any((tmp_path / "typo").iterdir())
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "a").exists()
 
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, capsys):
@@ -180,3 +180,17 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, cap
         Trainer(Config(latent_dim=10**9), tmp_path).build_model()
     with pytest.raises(ConfigError, match="lower latent_dim or the layer widths"):
         Trainer(Config(encoder_widths=(10**9,)), tmp_path).build_model()
+
+
+def test_stale_temporaries_are_told_apart_by_their_writers_pid(tmp_path):
+    from fastvae.files import temporary_writer, write_atomic
+    seen = []
+    write_atomic(tmp_path / "x.png", lambda file: seen.extend(os.listdir(tmp_path)))
+    assert [temporary_writer(name) for name in seen] == [os.getpid()]
+    assert temporary_writer(".notes.tmp") is None
+    mine = tmp_path / f".y.png.{os.getpid()}.0123abcd.tmp"
+    dead = tmp_path / f".y.png.{_dead_pid()}.0123abcd.tmp"
+    for path in (mine, dead, tmp_path / ".notes.tmp"):
+        path.write_bytes(b"")
+    rundir.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.tmp", mine.name, "x.png"])
