@@ -103,6 +103,13 @@ def test_an_output_is_written_in_the_format_its_suffix_names(saved_model, tmp_pa
     assert "no image format that can be saved ends in '.xyz'" in err
 
 
+def test_sample_draws_at_most_one_pictures_worth(saved_model, tmp_path, capsys):
+    path, _ = saved_model
+    err = _one_line_error(["sample", "--checkpoint", str(path), "-n", "1025", "--output",
+                           str(tmp_path / "s.png")], capsys)
+    assert "-n must lie in 1..1024, got 1025" in err and not (tmp_path / "s.png").exists()
+
+
 def test_output_paths_without_a_name_or_under_a_file_are_named(saved_model, tmp_path, capsys):
     path, _ = saved_model
     (tmp_path / "a-file").write_text("not a folder")

@@ -153,6 +153,14 @@ def test_an_unwritable_run_directory_is_found_before_the_first_epoch(tmp_path, m
         _trainer(run_dir, mnist_dir, epochs=1).fit()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs Linux's /proc")
+def test_a_folder_no_one_may_write_into_is_refused_before_the_first_epoch(mnist_dir,
+                                                                        monkeypatch):
+    monkeypatch.setattr(VAEGAN, "train_step", lambda *args: pytest.fail("trained"))
+    with pytest.raises(TrainingError, match="cannot write into the run directory /proc"):
+        _trainer("/proc/self/fdinfo", mnist_dir, epochs=1).fit()   # not even root may
+
+
 def test_run_directory_mistakes_are_refused_before_training(tmp_path, mnist_dir, capsys):
     train = ["train", "--data-dir", str(mnist_dir), "--quiet", "--epochs", "1", *SMALL_FLAGS]
     cases = {
