@@ -81,7 +81,7 @@ def _backward(network, layers, rows, *, param_grads, input_grad, start=None):
 
 
 def step_products(config, batch):
-    """Every matrix product one `VAEGAN.train_step` on `batch` rows computes, in order.
+    """Every matrix product one `TrainState.step` on `batch` rows computes, in order.
 
     Mirrors `compute_gradients` / `_adversarial_gradients`: the discriminator runs once on
     (3B, pixels) [real; reconstructions; prior samples], the decoder once on (2B, latent);
@@ -200,7 +200,7 @@ def summarise(records):
         mine = sorted((r for r in steps if r["batch"] == batch and r["dtype"] == dtype),
                       key=_row_order)
 
-        def find(kind, device, backend=None):
+        def find(kind, device, backend=None, mine=mine):
             for r in mine:
                 if r["kind"] == kind and r["device"] == device and backend in (None, r["backend"]):
                     return r["median"]

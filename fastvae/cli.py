@@ -1,31 +1,30 @@
 """The `fastvae` command: a thin layer of flags over library calls.
 
 train, reconstruct, sample, evaluate, bench, gradcheck; `fastvae COMMAND --help` for each.
-A user's mistake ends in one line on stderr and exit status 2, never a traceback
-(set FASTVAE_DEBUG=1 to see one).
+A user's mistake (a fastvae.errors.FastvaeError) ends in one line on stderr and exit status 2;
+anything else is a bug and shows its traceback (set FASTVAE_DEBUG=1 to see one for a user
+error too).
 """
 import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-from fastvae import kernels
-from fastvae.checkpoint import CheckpointError
+from fastvae import backend
 from fastvae.config import Config, field_comments
-from fastvae.data import DataError
 from fastvae.errors import ConfigError, FastvaeError
-from fastvae.images import ImageError
-from fastvae.trainer import Interrupted, TrainingError
+from fastvae.trainer import Interrupted
 
 MAX_SAMPLES = 1024  # the most `fastvae sample` draws into one picture (a 32 x 32 grid)
-USER_ERRORS = (FastvaeError, ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
-               kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 
 def _add_config_flags(parser):
@@ -48,26 +47,32 @@ def _add_config_flags(parser):
             group.add_argument(flag, type=type(default), help=help_text, default=argparse.SUPPRESS)
 
 
-def _read_toml(path):
-    """The settings in TOML file `path`; ConfigError when it is unreadable or not TOML."""
-    try:
-        with open(path, "rb") as file:
-            return tomllib.load(file)
-    except OSError as error:
-        raise ConfigError(f"cannot read the settings file {path} "
-                          f"({error.strerror or error}): check the --config path") from error
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML ({error}): fix the line it names") from error
-
-
 def build_config(args, base=None):
     """Config from `base` (or the defaults), then the TOML file, then the flags given."""
     values = (base or Config()).to_dict()
     if getattr(args, "config", None):
-        values.update(_read_toml(args.config))
+        values.update(read_toml(args.config))
     names = {field.name for field in dataclasses.fields(Config)}
     values.update({name: value for name, value in vars(args).items() if name in names})
     return Config.from_dict(values)
+
+
+def read_toml(path):
+    """The settings in TOML file `path`; ConfigError if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read the settings file {path}: {error.strerror or error}",
+                          "config") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}", "config") from error
+
+
+def as_flags(message):
+    """A library message with its setting names (`batch_size`) written as flags (--batch-size)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: "--" + match[1].replace("_", "-"),
+                  message)
 
 
 def cmd_train(args):
@@ -85,12 +90,12 @@ def cmd_train(args):
 
 
 def _load_model(args):
-    from fastvae.model import VAEGAN
-    return VAEGAN.load(args.checkpoint, args.backend)
+    from fastvae.state import load_model
+    return load_model(args.checkpoint, args.backend)
 
 
 def cmd_reconstruct(args):
-    from fastvae import data, evaluate, images, viz
+    from fastvae import data, images, metrics, viz
     model = _load_model(args)
     if args.images:
         originals, names = images.load_digits(args.images), [str(p) for p in args.images]
@@ -104,8 +109,7 @@ def cmd_reconstruct(args):
         originals = data.to_unit_float(test[indices], dtype="float64")
         names = [f"test[{i}]" for i in indices]
     recon = model.reconstruct(originals)
-    bce = evaluate.bernoulli_nll(originals, recon)
-    mse = np.mean((recon - originals) ** 2, axis=1)
+    bce, mse = metrics.reconstruction_errors(model, originals)
     print(f"{'image':<24} {'BCE (nats)':>10} {'MSE':>8}")
     for name, b, m in zip(names, bce, mse):
         print(f"{name:<24} {b:>10.2f} {m:>8.4f}")
@@ -170,7 +174,8 @@ def _check_seed(seed):
 def cmd_gradcheck(args):
     from fastvae import gradcheck
     checks = gradcheck.layer_checks(args.seed) + gradcheck.all_model_checks(args.seed)
-    compared = args.backend or [name for name in kernels.available() if name != "numpy"]
+    compared = args.backend or [name for name in backend.available_backends()
+                                if name != "numpy"]
     for name in compared:
         for dtype in ("float32", "float64"):
             checks += gradcheck.compare_kernels(name, dtype, args.seed)
@@ -273,15 +278,14 @@ def main(argv=None):
 def _run(args):
     try:
         return args.func(args)
-    except USER_ERRORS as error:
+    except Interrupted as stop:
+        print(f"fastvae {args.command}: {as_flags(str(stop))}", file=sys.stderr)
+        return 128 + stop.signum
+    except FastvaeError as error:
         if os.environ.get("FASTVAE_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        print(f"fastvae {args.command}: error: {as_flags(str(error))}", file=sys.stderr)
         return 2
-    except Interrupted as stop:
-        print(f"fastvae {args.command}: {stop}", file=sys.stderr)
-        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint written is intact",
               file=sys.stderr)

@@ -58,7 +58,7 @@ def _lock(run_dir):
             who = f"process {pid}" if pid else "another process"
             raise TrainingError(f"{run_dir} is in use by another training ({who}, lock file "
                                 f"{path}): wait for it to finish or stop it, or train into "
-                                f"another --run-dir") from None
+                                f"another `run_dir`") from None
         try:
             same_file = os.stat(path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:
@@ -80,7 +80,7 @@ def _release(run_dir, descriptor):
 def _unwritable(run_dir, error):
     return TrainingError(f"cannot write into the run directory {run_dir} "
                          f"({error.strerror or error}): fix its permissions or choose "
-                         f"another --run-dir")
+                         f"another `run_dir`")
 
 
 def remove_stale_temporaries(run_dir):
@@ -107,7 +107,7 @@ def check_usable(run_dir, needed_bytes):
         raise TrainingError(f"{run_dir} has {free / 1e6:.0f} MB free, but a checkpoint of this "
                             f"model needs about {needed_bytes / 1e6:.0f} MB (twice while it is "
                             f"replaced) and the pictures {SPARE_BYTES / 1e6:.0f} MB: free some "
-                            f"space or choose another --run-dir")
+                            f"space or choose another `run_dir`")
 
 
 def make(run_dir):
@@ -117,7 +117,7 @@ def make(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TrainingError(f"cannot create the run directory {run_dir} "
-                            f"({error.strerror or error}): choose another --run-dir") from error
+                            f"({error.strerror or error}): choose another `run_dir`") from error
     return run_dir
 
 

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import checkpoint, data, rundir, viz
-from fastvae.captured import CapturedStep
-from fastvae.config import Config
-from fastvae.errors import ConfigError, TrainingError
-from fastvae.evaluate import bernoulli_nll
+from fastvae import data, metrics, rundir, viz
+from fastvae.errors import ConfigError, FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState, checkpoint_config, read_checkpoint
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.csv"
@@ -33,7 +31,7 @@ LOSS_KEYS = ("discriminator", "disc_real", "disc_fake", "kl", "reconstruction", 
 METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "seconds",
                                                   "samples_per_s")
 SHOWN = 64
-MEMORY_ADVICE = "lower latent_dim or the layer widths"
+MEMORY_ADVICE = "lower `latent_dim` or the layer widths"
 # settings a resumed run may change; changes of the last four are kept in the run's history
 RESUMABLE = ("epochs", "backend", "cuda_graph", "lr_encoder", "lr_decoder", "lr_discriminator",
              "clip_grad_norm")
@@ -42,20 +40,13 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
                      if hasattr(signal, name))
 
 
-class Interrupted(Exception):
+class Interrupted(FastvaeError):
     """Training stopped on request (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint it can
     resume from; `signum` is the signal that asked (SIGINT when stopped by `request_stop`)."""
 
     def __init__(self, message, signum=signal.SIGINT):
         super().__init__(message)
         self.signum = signum
-
-
-def reconstruction_errors(model, images, batch_size=1000):
-    """Mean per-image BCE (nats) and per-pixel MSE of the model's reconstructions of `images`."""
-    recon = np.concatenate([model.reconstruct(images[start:start + batch_size])
-                            for start in range(0, len(images), batch_size)])
-    return float(np.mean(bernoulli_nll(images, recon))), float(np.mean((recon - images) ** 2))
 
 
 def interpolation_rows(model, images, steps=10):
@@ -72,14 +63,14 @@ class Trainer:
     def __init__(self, config, run_dir, data_dir=None, download=True, progress=True,
                  log_every=50):
         if not str(run_dir).strip():
-            raise TrainingError("the run directory is empty: name one with --run-dir")
+            raise TrainingError("the run directory is empty: name one with `run_dir`")
         self.config, self.run_dir = config, Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"run directory {self.run_dir} is a file: choose another --run-dir")
+            raise TrainingError(f"run directory {self.run_dir} is a file: choose another `run_dir`")
         self.data_dir, self.download = data_dir, download
         self.progress, self.log_every = progress, log_every
         self.model = None
-        self.step = None         # the training step function: the model's, or its CUDA graph
+        self.state = None        # the model's TrainState: optimizers, step counts, the step
         self.epoch = 0
         self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
         self.metrics = []        # one row per epoch
@@ -101,7 +92,7 @@ class Trainer:
                                   self.config.test_limit or None)
         if len(train) < self.config.batch_size:
             raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
-                                f"{len(train)} training images: lower --batch-size")
+                                f"{len(train)} training images: lower `batch_size`")
         backend = self.model.backend
         self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
         self.test_images = data.to_unit_float(test, np, "float64")
@@ -131,46 +122,49 @@ class Trainer:
                               f"state): {MEMORY_ADVICE}") from error
 
     def start(self, resume=False, overwrite=False):
-        """Build the model (so an unknown or missing backend is the first error), then restore
-        it and the run's state from the run's checkpoint when resuming."""
+        """Build the model (so an unknown or missing backend is the first error), restore it
+        and the run's state from the run's checkpoint when resuming, and prepare the step."""
         self._check_resume(resume, overwrite)
         self.model = self.build_model()
+        self.state = TrainState(self.model)
         self.config = self.model.config
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
-            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
-                                f"continue it, --overwrite to replace it, or another --run-dir")
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass `resume` to "
+                                f"continue it, `overwrite` to replace it, or another `run_dir`")
         if resume:
-            self._restore(path)
+            self.resume_from(path)
+        self.prepare_step()
 
     def _check_resume(self, resume, overwrite):
         """ConfigError or TrainingError when resume and overwrite cannot both be meant, or
         when there is no checkpoint file to resume."""
         path = self.run_dir / CHECKPOINT
         if resume and overwrite:
-            raise ConfigError("resume and overwrite contradict each other: --resume continues "
-                              "the run's checkpoint, --overwrite replaces it; pass one")
+            raise ConfigError("`resume` and `overwrite` contradict each other: `resume` "
+                              "continues the run's checkpoint, `overwrite` replaces it; pass "
+                              "one", "overwrite")
         if path.exists() and not path.is_file():
             raise TrainingError(f"{path} is not a file, so it cannot be a checkpoint: move it "
-                                f"away or choose another --run-dir")
+                                f"away or choose another `run_dir`")
         if resume and not path.exists():
-            raise TrainingError(f"--resume: {self.run_dir} holds no checkpoint to continue "
-                                f"(no {CHECKPOINT}): check --run-dir, or drop --resume to start "
-                                f"a new run")
+            raise TrainingError(f"`resume`: {self.run_dir} holds no checkpoint to continue "
+                                f"(no {CHECKPOINT}): check `run_dir`, or drop `resume` to "
+                                f"start a new run")
 
-    def _restore(self, path):
-        """The model and the run's state from checkpoint `path`; changed settings checked."""
-        header, arrays = checkpoint.read(path)
-        saved = Config.from_dict(header["config"]).to_dict()
+    def resume_from(self, path):
+        """The training state and the run's history from checkpoint `path`, whose settings
+        must be this run's (but for RESUMABLE ones; changes of RECORDED ones are listed)."""
+        header, arrays = read_checkpoint(path)
+        saved = checkpoint_config(header, path).to_dict()
         now = self.config.to_dict()
         changed = [f"{key} {value!r} -> {now[key]!r}" for key, value in saved.items()
                    if key not in RESUMABLE and value != now[key]]
         if changed:
-            raise TrainingError(f"--resume continues {path} with its own settings, but these "
+            raise TrainingError(f"`resume` continues {path} with its own settings, but these "
                                 f"differ: {'; '.join(changed)}. Drop those flags, or train "
-                                f"into a new --run-dir")
-        checkpoint.restore(self.model, header, arrays, path)
-        extra = header["extra"]
+                                f"into a new `run_dir`")
+        extra = self.state.restore(header, arrays, path)
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
         self.order_rng.bit_generator.state = extra["order_rng"]
         self.partial = extra.get("partial")
@@ -196,7 +190,7 @@ class Trainer:
         first's process), and it is checked for writability and free space before any work.
 
         Ctrl-C (SIGINT), SIGTERM and SIGHUP finish the current step, save a checkpoint there
-        and raise `Interrupted`; `--resume` then continues exactly as if nothing had happened.
+        and raise `Interrupted`; `resume` then continues exactly as if nothing had happened.
         """
         self._check_resume(resume, overwrite)   # before the run directory is made
         self.check_memory()
@@ -214,14 +208,13 @@ class Trainer:
                     self.write_outputs()
         return self.metrics
 
-    def step_function(self):
-        """`model.train_step`, or on the cupy backend with noise drawn on the device (unless
-        config.cuda_graph is off) the same step recorded once as a CUDA graph and replayed."""
+    def prepare_step(self):
+        """On the cupy backend with noise drawn on the device (unless config.cuda_graph is
+        off), record the training step once as a CUDA graph that every step then replays."""
         backend = self.model.backend
         if (self.config.cuda_graph and hasattr(backend.ops, "capture_graph")
                 and backend.device_rng is not None):
-            return CapturedStep(self.model, self.config.batch_size).train_step
-        return self.model.train_step
+            self.state.capture_graph(self.config.batch_size)
 
     def request_stop(self, signum=signal.SIGINT):
         """Stop at the end of the current step, saving a checkpoint there."""
@@ -249,8 +242,6 @@ class Trainer:
     def train_epoch(self):
         """One pass over the shuffled training set (the rest of it, after a mid-epoch resume)."""
         batch_size = self.config.batch_size
-        if self.step is None:
-            self.step = self.step_function()
         steps = data.num_batches(len(self.train_images), batch_size)
         partial = self.partial or {}
         self.partial = None
@@ -266,7 +257,7 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
         for step, batch in enumerate(bar, done + 1):
-            for key, value in self.step(batch).items():
+            for key, value in self.state.step(batch).items():
                 sums[key] = sums.get(key, 0.0) + value  # a new array: a graph reuses `value`
             count += 1
             if count == self.log_every or step == steps:
@@ -289,12 +280,13 @@ class Trainer:
                 self.save_checkpoint()
                 raise Interrupted(f"{signal.Signals(self.stop_signal).name}: interrupted at "
                                   f"epoch {self.epoch + 1}, step {step} of {steps}; checkpoint "
-                                  f"saved in {self.run_dir}: continue with --resume",
+                                  f"saved in {self.run_dir}: continue with `resume`",
                                   self.stop_signal)
         bar.close()
         seconds = time.perf_counter() - started
         self.epoch += 1
-        test_bce, test_mse = reconstruction_errors(self.model, self.test_images)
+        test_bce, test_mse = (float(np.mean(errors)) for errors in
+                              metrics.reconstruction_errors(self.model, self.test_images))
         row = {"epoch": self.epoch, "steps": steps,
                **{key: epoch_sums.get(key, float("nan")) / steps for key in LOSS_KEYS},
                "test_bce": test_bce, "test_mse": test_mse, "seconds": seconds,
@@ -310,20 +302,20 @@ class Trainer:
         if they or the parameters are not finite."""
         means = {key: float(value) / count for key, value in sums.items()}
         bad_losses = [key for key, value in means.items() if not math.isfinite(value)]
-        bad_networks = self.model.non_finite_networks()
+        bad_networks = self.state.non_finite_networks()
         if bad_losses or bad_networks:
             where = f"epoch {self.epoch + 1}, step {step}"
             what = (f"non-finite parameters in the {' and '.join(bad_networks)}" if bad_networks
                     else f"non-finite {', '.join(bad_losses)} loss")
-            rates = ", ".join(f"--lr-{name} {getattr(self.config, 'lr_' + name):g}"
+            rates = ", ".join(f"`lr_{name}` {getattr(self.config, 'lr_' + name):g}"
                               for name in (bad_networks or self.model.params))
             path = self.run_dir / CHECKPOINT
             kept = (f"the last checkpoint, {path}, is kept (checked finite when saved): "
-                    f"--resume continues it with the new setting" if path.is_file()
+                    f"`resume` continues it with the new setting" if path.is_file()
                     else "no checkpoint was written yet")
             raise TrainingError(f"{what} at {where}: training diverged, most likely from a "
                                 f"learning rate too high ({rates}) - lower it, or set "
-                                f"--clip-grad-norm; {kept}")
+                                f"`clip_grad_norm`; {kept}")
         return means
 
     # ----- outputs -----
@@ -368,7 +360,7 @@ class Trainer:
         extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,
                  "order_rng": self.order_rng.bit_generator.state, "partial": self.partial,
                  "setting_changes": self.setting_changes}
-        self.model.save(self.run_dir / CHECKPOINT, extra)
+        self.state.save(self.run_dir / CHECKPOINT, extra)
 
 
 def _physical_memory():
@@ -382,4 +374,4 @@ def _physical_memory():
 def saved_config(run_dir):
     """The Config of the checkpoint in `run_dir`, or None when there is none."""
     path = Path(run_dir) / CHECKPOINT
-    return Config.from_dict(checkpoint.read(path)[0]["config"]) if path.exists() else None
+    return checkpoint_config(read_checkpoint(path)[0], path) if path.exists() else None

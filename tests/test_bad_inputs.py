@@ -9,11 +9,13 @@ import pytest
 from PIL import Image
 
 from fastvae import cli, images
-from fastvae.checkpoint import FORMAT, VERSION, read, write_archive
+from fastvae.archive import write as write_archive
+from fastvae.config import Config
 from fastvae.errors import CheckpointError, FastvaeError, ImageError, OutputError
 from fastvae.files import write_atomic
-from fastvae.config import Config
 from fastvae.model import VAEGAN
+from fastvae.state import FORMAT, VERSION, TrainState
+from fastvae.state import read_checkpoint as read
 
 
 def _one_line_error(argv, capsys):
@@ -28,7 +30,7 @@ def _one_line_error(argv, capsys):
 def saved_model(tmp_path):
     model = VAEGAN(Config(latent_dim=4, encoder_widths=(16,), decoder_widths=(16,),
                           discriminator_widths=(16,)))
-    model.save(tmp_path / "model.npz")
+    TrainState(model).save(tmp_path / "model.npz")
     return tmp_path / "model.npz", model
 
 
@@ -56,7 +58,7 @@ def test_a_checkpoint_of_non_finite_parameters_is_refused_everywhere(saved_model
     _, model = saved_model
     model.params["decoder"][3] = np.nan
     bad = tmp_path / "diverged.npz"
-    model.save(bad)
+    TrainState(model).save(bad)
     for argv in (["sample"], ["reconstruct", "--indices", "0"], ["evaluate", "--limit", "4"]):
         err = _one_line_error(argv + ["--checkpoint", str(bad), "--output", str(tmp_path / "o.png")]
                               if argv[0] != "evaluate" else argv + ["--checkpoint", str(bad)],

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from fastvae import cli, rundir
-from fastvae.checkpoint import read
 from fastvae.config import Config
 from fastvae.errors import ConfigError, TrainingError
-from fastvae.model import VAEGAN
+from fastvae.state import TrainState
+from fastvae.state import read_checkpoint as read
 from fastvae.trainer import CHECKPOINT, METRICS, Trainer
 
 SMALL = dict(train_limit=320, test_limit=64, batch_size=32, latent_dim=8,
@@ -36,17 +36,17 @@ def _dead_pid():
 def test_an_interrupt_after_divergence_keeps_the_last_good_checkpoint(tmp_path, mnist_dir,
                                                                       monkeypatch):
     run = _trainer(tmp_path, mnist_dir, epochs=2)       # 10 steps an epoch, checked every 50
-    original_step, calls = VAEGAN.train_step, []
+    original_step, calls = TrainState.step, []
 
-    def diverge_then_stop(model, x):
-        losses = original_step(model, x)
+    def diverge_then_stop(state, x):
+        losses = original_step(state, x)
         calls.append(1)
         if len(calls) == 13:                            # epoch 2, step 3
-            model.params["encoder"][...] = np.nan
+            state.model.params["encoder"][...] = np.nan
             run.request_stop()
         return losses
 
-    monkeypatch.setattr(VAEGAN, "train_step", diverge_then_stop)
+    monkeypatch.setattr(TrainState, "step", diverge_then_stop)
     with pytest.raises(TrainingError, match="non-finite parameters in the encoder.*is kept"):
         run.fit()
     header, arrays = read(tmp_path / CHECKPOINT)
@@ -59,7 +59,7 @@ def test_a_resume_may_lower_the_learning_rate_and_clip_and_the_run_records_it(tm
     _trainer(tmp_path, mnist_dir, epochs=1).fit()
     resumed = _trainer(tmp_path, mnist_dir, epochs=2, lr_encoder=1e-4, clip_grad_norm=5.0)
     resumed.fit(resume=True)
-    assert resumed.model.optimizers["encoder"].lr == 1e-4
+    assert resumed.state.optimizers["encoder"].lr == 1e-4
     header, _ = read(tmp_path / CHECKPOINT)
     changes = header["extra"]["setting_changes"]
     assert [(c["epoch"], c["setting"], c["from"], c["to"]) for c in changes] == [
@@ -139,7 +139,7 @@ def test_metrics_never_list_an_epoch_the_checkpoint_does_not_hold(tmp_path, mnis
 def test_a_full_disk_is_found_before_the_first_epoch(tmp_path, mnist_dir, monkeypatch):
     usage = rundir.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=10**6))
-    monkeypatch.setattr(VAEGAN, "train_step", lambda *args: pytest.fail("trained"))
+    monkeypatch.setattr(TrainState, "step", lambda *args: pytest.fail("trained"))
     with pytest.raises(TrainingError, match="1 MB free.*free some space"):
         _trainer(tmp_path / "run", mnist_dir, epochs=1).fit()
 
@@ -156,7 +156,7 @@ def test_an_unwritable_run_directory_is_found_before_the_first_epoch(tmp_path, m
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs Linux's /proc")
 def test_a_folder_no_one_may_write_into_is_refused_before_the_first_epoch(mnist_dir,
                                                                         monkeypatch):
-    monkeypatch.setattr(VAEGAN, "train_step", lambda *args: pytest.fail("trained"))
+    monkeypatch.setattr(TrainState, "step", lambda *args: pytest.fail("trained"))
     with pytest.raises(TrainingError, match="cannot write into the run directory /proc"):
         _trainer("/proc/self/fdinfo", mnist_dir, epochs=1).fit()   # not even root may
 
@@ -186,7 +186,7 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, cap
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="more than this machine's .* memory"):
         Trainer(Config(latent_dim=10**9), tmp_path).build_model()
-    with pytest.raises(ConfigError, match="lower latent_dim or the layer widths"):
+    with pytest.raises(ConfigError, match="lower `latent_dim` or the layer widths"):
         Trainer(Config(encoder_widths=(10**9,)), tmp_path).build_model()
 
 
