@@ -43,7 +43,8 @@ def _holder(path):
 
 
 def _lock(run_dir):
-    """An open descriptor holding the run directory's lock; TrainingError if a live run has it."""
+    """An open descriptor holding the run directory's lock (None where the file system has no
+    locks); TrainingError if a live run holds it."""
     path = run_dir / LOCK
     while True:
         try:
@@ -59,6 +60,9 @@ def _lock(run_dir):
             raise TrainingError(f"{run_dir} is in use by another training ({who}, lock file "
                                 f"{path}): wait for it to finish or stop it, or train into "
                                 f"another `run_dir`") from None
+        except OSError:  # a file system without locks (some network mounts): train unlocked
+            os.close(descriptor)
+            return None
         try:
             same_file = os.stat(path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:

@@ -202,3 +202,12 @@ def test_stale_temporaries_are_told_apart_by_their_writers_pid(tmp_path):
         path.write_bytes(b"")
     rundir.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.tmp", mine.name, "x.png"])
+
+
+def test_a_file_system_without_locks_still_trains_unlocked(tmp_path, monkeypatch):
+    def no_locks(descriptor, operation):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with rundir.claim(tmp_path):
+        pass
+    assert list(tmp_path.iterdir()) == [tmp_path / rundir.LOCK]   # left behind, unheld
