@@ -77,7 +77,7 @@ class Trainer:
         self.partial = None      # where an interrupted epoch stopped
         self.stop_requested = False
         self.stop_signal = signal.SIGINT
-        self.setting_changes = []  # {"epoch", "setting", "from", "to"} of each resume changing one
+        self.setting_changes = []  # {"epoch", "step", "setting", "from", "to"}: resumes changing one
         # the seed's third child stream: the model draws its weights and noise from the first two
         self.order_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])
 
