@@ -97,7 +97,7 @@ def set_backend(name="numpy", dtype="float32", seed=None):
 def get_backend():
     """The default backend, made from FASTVAE_BACKEND on first use."""
     if _current is None:
-        set_backend(os.environ.get("FASTVAE_BACKEND", "numpy"))
+        set_backend(os.environ.get("FASTVAE_BACKEND") or "numpy")  # set but empty: unset
     return _current
 
 

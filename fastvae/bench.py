@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastvae.errors import FastvaeError
 from fastvae.files import write_atomic
 
 DEFAULT_JSON = "fastvae-bench.json"
@@ -460,7 +461,12 @@ def run(quick=False, backends=None, batch_sizes=None, dtype="float32", json_path
     defaults to 64, 128 and 512 (128 with `quick`); `dtype` is float32, float64 or all.
     Returns a dict: records, tables, op_tables, comparison, json_path, chart_path, exit_code.
     """
-    import pytest
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401  (the plugin the suite's timings come from)
+    except ImportError as error:
+        raise FastvaeError(f"fastvae bench needs pytest and pytest-benchmark ({error}): "
+                           f"pip install 'fastvae[dev]'") from error
 
     stream = stream or sys.stdout
     saved = load_records(compare) if compare else None  # read first: the run may overwrite it
