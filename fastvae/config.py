@@ -117,6 +117,8 @@ class Config:
             (bad_betas is None, bad_betas, f"betas must lie in [0, 1) (`{bad_betas}`)"),
             (self.clip_grad_norm >= 0, "clip_grad_norm",
              "`clip_grad_norm` must be non-negative (0 turns it off)"),
+            (self.equilibrium > 0, "equilibrium", "`equilibrium` must be positive"),
+            (self.margin >= 0, "margin", "`margin` must be non-negative"),
             (self.epochs >= 0, "epochs", "`epochs` must be non-negative"),
             (self.seed >= 0, "seed", f"`seed` must be non-negative, got {self.seed}"),
             (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),

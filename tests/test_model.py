@@ -131,6 +131,8 @@ def test_unknown_backend_names_the_available_ones():
     ({"mode": "vae", "reconstruction": "feature"}, "feature reconstruction"),
     ({"feature_layer": 5}, "feature_layer"),
     ({"kl_weight": 0.0}, "kl_weight"),
+    ({"equilibrium": 0.0}, "equilibrium"),
+    ({"margin": -0.1}, "margin"),
 ])
 def test_invalid_settings_are_refused_by_name(bad, message):
     with pytest.raises(ValueError, match=message):
