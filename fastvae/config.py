@@ -24,8 +24,7 @@ class Config:
     # --- model ---
     image_size: int = 784                     # pixels per image (28 x 28 for MNIST)
     latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
-                                              # (16: the best prior samples in the sweep of
-                                              # docs/evaluation.md; 128 before)
+                                              # (16 sampled best in docs/evaluation.md's sweep)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
     decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
     discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
@@ -35,7 +34,7 @@ class Config:
     mode: str = "vaegan"                      # vaegan, or vae (no discriminator) for comparison
     reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
-    gamma: float = 0.3                        # weight of reconstruction vs adversarial in the
+    gamma: float = 1.0                        # weight of reconstruction vs adversarial in the
                                               # decoder (docs/method.md: the paper's is 2x)
     kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
     # --- optimisation ---
