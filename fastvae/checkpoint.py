@@ -106,11 +106,13 @@ def restore(model, header, arrays, path="checkpoint"):
                  if key.startswith(f"optimizer/{name}/")}
         state["step_count"] = header["step_counts"][name]
         optimizer.load_state(state)
+    model.refresh_bf16_weights()
     model.backend.rng.bit_generator.state = header["noise_rng"]
 
 
-def load(path, backend=None):
-    """(model, extra): the model rebuilt from the checkpoint's config, on `backend` if given."""
+def load(path, backend=None, precision=None):
+    """(model, extra): the model rebuilt from the checkpoint's config, on `backend` and at
+    `precision` if given."""
     from fastvae.backend import Backend
     from fastvae.config import Config
     from fastvae.model import VAEGAN
@@ -120,8 +122,10 @@ def load(path, backend=None):
         config = Config.from_dict(header["config"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path} holds an invalid config: {error}") from error
+    if precision:
+        config = config.replace(precision=precision)
     if isinstance(backend, str):
-        backend = Backend(backend, config.dtype)
+        backend = Backend(backend, config.dtype, precision=config.precision)
     model = VAEGAN(config, backend)
     restore(model, header, arrays, path)
     return model, header["extra"]

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from fastvae import kernels
+from fastvae.backend import bf16_backends
 from fastvae.checkpoint import CheckpointError
+from fastvae.errors import FastvaeError
 from fastvae.config import Config, field_comments
 from fastvae.data import DataError
 from fastvae.images import ImageError
 from fastvae.trainer import Interrupted, TrainingError
 
 USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
-               kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError)
+               kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError, FastvaeError)
 
 
 def _add_config_flags(parser):
@@ -72,7 +74,7 @@ def cmd_train(args):
 
 def _load_model(args):
     from fastvae.model import VAEGAN
-    return VAEGAN.load(args.checkpoint, args.backend)
+    return VAEGAN.load(args.checkpoint, args.backend, args.precision)
 
 
 def cmd_reconstruct(args):
@@ -151,6 +153,9 @@ def cmd_gradcheck(args):
     for name in compared:
         for dtype in ("float32", "float64"):
             checks += gradcheck.compare_kernels(name, dtype, args.seed)
+    for name in bf16_backends():
+        if name == "numpy" or name in compared:
+            checks += gradcheck.compare_bf16_kernels(name, args.seed)
     print(gradcheck.report(checks))
     failed = [check for check in checks if not check.ok]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
@@ -160,6 +165,8 @@ def cmd_gradcheck(args):
 def _checkpoint_flags(parser):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.npz from fastvae train")
     parser.add_argument("--backend", default=None, help="run on this backend (default: saved one)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="matrix products in fp32 or bf16 (default: the saved setting)")
 
 
 def _data_flags(parser):

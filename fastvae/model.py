@@ -8,7 +8,8 @@ import numpy as np
 from fastvae import losses
 from fastvae.backend import Backend, get_backend
 from fastvae.config import Config
-from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
+from fastvae.layers import (Linear, NeuralNetwork, Sigmoid, activation_layer, pack_bf16_weights,
+                            pack_parameters)
 from fastvae.optim import SGD, Adam
 
 NETWORKS = ("encoder", "decoder", "discriminator")
@@ -43,7 +44,8 @@ class Encoder:
 
     def forward(self, x):
         hidden = self.body.forward(x)
-        return self.mu_head.forward(hidden), self.log_var_head.forward(hidden)
+        hidden16 = self.body.output16
+        return self.mu_head.forward(hidden, hidden16), self.log_var_head.forward(hidden, hidden16)
 
     def backward(self, grad_mu, grad_log_var, *, input_grad=False):
         grad_hidden = self.mu_head.backward(grad_mu)
@@ -64,12 +66,12 @@ def Discriminator(config, rng, backend):
                final_sigmoid=True)
 
 
-def make_optimizer(config, network, params, grads, backend):
+def make_optimizer(config, network, params, grads, backend, params16=None):
     lr = getattr(config, "lr_" + network)
     betas = getattr(config, "betas_" + network)
     if config.optimizer == "sgd":
-        return SGD(params, grads, lr=lr, momentum=betas[0], backend=backend)
-    return Adam(params, grads, lr=lr, betas=betas, backend=backend)
+        return SGD(params, grads, lr=lr, momentum=betas[0], backend=backend, params16=params16)
+    return Adam(params, grads, lr=lr, betas=betas, backend=backend, params16=params16)
 
 
 class VAEGAN:
@@ -90,9 +92,11 @@ class VAEGAN:
             self.backend = backend
         else:
             name = backend or self.config.backend or get_backend().name
-            self.backend = Backend(name, self.config.dtype, noise_seed, self.config.device_noise)
+            self.backend = Backend(name, self.config.dtype, noise_seed, self.config.device_noise,
+                                   precision=self.config.precision)
         self.config = self.config.replace(backend=self.backend.name,
-                                          dtype=self.backend.dtype.name)
+                                          dtype=self.backend.dtype.name,
+                                          precision=self.backend.precision)
         rng = np.random.default_rng(init_seed)
         self.encoder = Encoder(self.config, rng, self.backend)
         self.decoder = Decoder(self.config, rng, self.backend)
@@ -102,10 +106,13 @@ class VAEGAN:
         if self.discriminator is not None:
             linears["discriminator"] = self.discriminator.linears()
         self.params, self.grads, self.optimizers = {}, {}, {}
+        self.params16 = {}  # bf16 weight copies (bf16 backends), refreshed by each update
         for name, layers in linears.items():
             self.params[name], self.grads[name] = pack_parameters(layers, self.backend)
+            self.params16[name] = pack_bf16_weights(layers, self.params[name], self.backend)
             self.optimizers[name] = make_optimizer(
-                self.config, name, self.params[name], self.grads[name], self.backend
+                self.config, name, self.params[name], self.grads[name], self.backend,
+                self.params16[name]
             )
         self._buffers = {}
 
@@ -253,6 +260,13 @@ class VAEGAN:
         backend.ops.activation_backward("sigmoid", recon_images, grad_recon_images, grad_rec)
         return reconstruction, grad_rec, grad_images
 
+    def refresh_bf16_weights(self):
+        """Round the weights into their bf16 copies again, after they were written directly
+        (a checkpoint restored); the optimisers do it themselves on every step."""
+        for name, params16 in self.params16.items():
+            if params16 is not None:
+                self.backend.ops.to_bf16(self.params[name], params16)
+
     def non_finite_networks(self):
         """Names of the networks with a NaN or infinite parameter (one host read each)."""
         xp = self.backend.xp
@@ -310,7 +324,8 @@ class VAEGAN:
         checkpoint.save(path, self, extra)
 
     @classmethod
-    def load(cls, path, backend=None):
-        """A model restored from a checkpoint, on `backend` (default: the one it was saved from)."""
+    def load(cls, path, backend=None, precision=None):
+        """A model restored from a checkpoint, on `backend` and at `precision` (default: those
+        it was saved with)."""
         from fastvae import checkpoint
-        return checkpoint.load(path, backend)[0]
+        return checkpoint.load(path, backend, precision)[0]

@@ -1,11 +1,22 @@
-"""Optimizers over one flat parameter buffer each, so a network updates in one kernel call."""
+"""Optimizers over one flat parameter buffer each, so a network updates in one kernel call.
+
+`params16` (a bf16 backend's flat weight copy, `layers.pack_bf16_weights`) is rewritten by the
+same update kernel, so the products' weights are refreshed once per step at no extra pass.
+"""
+
+
+def _bf16_copy(params16):
+    """The update kernels' keyword for the bf16 weight copy (none on an fp32 backend)."""
+    return {} if params16 is None else {"param16": params16}
 
 
 class Adam:
     """Adam (Kingma & Ba 2015) with bias correction; defaults as DCGAN and VAE-GAN use them."""
 
-    def __init__(self, params, grads, *, lr=2e-4, betas=(0.5, 0.999), eps=1e-8, backend):
+    def __init__(self, params, grads, *, lr=2e-4, betas=(0.5, 0.999), eps=1e-8, backend,
+                 params16=None):
         self.params, self.grads, self.backend = params, grads, backend
+        self.params16 = params16
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.step_count = 0
         self.device_step = None  # the count as a device scalar too, once count_on_device()
@@ -25,7 +36,7 @@ class Adam:
             step = self.device_step
         self.backend.ops.adam_update(
             self.params, self.grads, self.exp_avg, self.exp_avg_sq,
-            self.lr, self.betas[0], self.betas[1], self.eps, step,
+            self.lr, self.betas[0], self.betas[1], self.eps, step, **_bf16_copy(self.params16),
         )
 
     def state(self):
@@ -43,8 +54,9 @@ class Adam:
 class SGD:
     """Stochastic gradient descent with heavy-ball momentum."""
 
-    def __init__(self, params, grads, *, lr=1e-2, momentum=0.9, backend):
+    def __init__(self, params, grads, *, lr=1e-2, momentum=0.9, backend, params16=None):
         self.params, self.grads, self.backend = params, grads, backend
+        self.params16 = params16
         self.lr, self.momentum = lr, momentum
         self.step_count = 0
         self.velocity = backend.zeros(params.shape)
@@ -54,7 +66,8 @@ class SGD:
 
     def step(self):
         self.step_count += 1
-        self.backend.ops.sgd_update(self.params, self.grads, self.velocity, self.lr, self.momentum)
+        self.backend.ops.sgd_update(self.params, self.grads, self.velocity, self.lr,
+                                    self.momentum, **_bf16_copy(self.params16))
 
     def state(self):
         return {"step_count": self.step_count, "velocity": self.velocity}
