@@ -1,4 +1,4 @@
-"""oneMKL's matrix products through ctypes: fp32 (`cblas_sgemm`) and bf16 (`cblas_gemm_bf16bf16f32`).
+"""oneMKL's products through ctypes: fp32 (`cblas_sgemm`), bf16 (`cblas_gemm_bf16bf16f32`).
 
 oneMKL (PyPI `mkl`, `pip install 'fastvae-numpy[mkl]'`) ships `libmkl_rt.so`, a C library with
 bf16 products (bf16 inputs as uint16, fp32 accumulation and output) that run on AMX where the

@@ -13,6 +13,7 @@ to nearest even, held in a uint16 array. The dense ops take optional bf16 copies
 accumulate in float32, while biases, activations, gradients, reductions and the optimisers
 stay float32. The ops that make a product's input also write its bf16 copy (`out16`,
 `scratch16`, `param16`), so a backend rounds each array once, in the pass that writes it.
+A backend that offers bf16 has `to_bf16` and `bf16_unavailable_reason()` (None where it runs).
 """
 import numpy as np
 

@@ -255,7 +255,8 @@ def numba_ops():
 
 def test_bf16_without_onemkl_says_how_to_install_it(numba_ops, monkeypatch):
     monkeypatch.setattr(numba_ops, "MKL", None)
-    with pytest.raises(BackendUnavailable, match=r"need oneMKL: pip install 'fastvae-numpy\[mkl\]'"):
+    hint = r"need oneMKL: pip install 'fastvae-numpy\[mkl\]'"
+    with pytest.raises(BackendUnavailable, match=hint):
         Backend("numba", precision="bf16")
 
 
