@@ -4,7 +4,7 @@ Groups are `step:b{batch}:{dtype}`, so numpy, numba, cupy, the matrix-product bo
 PyTorch print side by side; extra_info carries kind, label, backend, device, batch, dtype,
 precision and the step's matrix-product FLOPs, which is what `fastvae bench` pairs them by.
 
-- test_step: `VAEGAN.train_step` (forward, all three gradients, three Adam updates), in each
+- test_step: `TrainState.step` (forward, all three gradients, three Adam updates), in each
   precision the backend computes;
 - test_step_serial_kernels: numba's step with its element-wise kernels serial, to show what
   the shared thread pool's `prange` kernels gain inside the real step;
@@ -25,9 +25,9 @@ import pytest
 from fastvae import kernels
 from fastvae.backend import Backend
 from fastvae.bench import step_flops, step_products
-from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState
 
 PEAK_SIZE = {"cpu": 1024, "gpu": 4096}
 
@@ -65,9 +65,10 @@ def device_xp(device):
 def time_step(timed, backend, batch, dtype, precision, serial=False):
     config = step_config(batch, dtype, precision)
     model = VAEGAN(config, backend)
+    state = TrainState(model)
     images = np.random.default_rng(0).random((batch, config.image_size))
     x = model.backend.asarray(images)
-    losses = timed(lambda: model.train_step(x), group=step_group(batch, dtype),
+    losses = timed(lambda: state.step(x), group=step_group(batch, dtype),
                    xp=model.backend.xp, kind="step", backend=backend,
                    label=step_label(backend, precision, serial), precision=precision,
                    device=model.backend.device, batch=batch, dtype=dtype,
@@ -99,9 +100,9 @@ def test_graph_step(timed, device, batch, dtype):
         pytest.skip("a CUDA graph step needs the cupy backend")
     config = step_config(batch, dtype)
     model = VAEGAN(config, "cupy")
-    captured = CapturedStep(model, batch)
+    state = TrainState(model).capture_graph(batch)
     x = model.backend.asarray(np.random.default_rng(0).random((batch, config.image_size)))
-    losses = timed(lambda: captured.train_step(x), group=step_group(batch, dtype),
+    losses = timed(lambda: state.step(x), group=step_group(batch, dtype),
                    xp=model.backend.xp, kind="step", backend="cupy graph", device="gpu",
                    batch=batch, dtype=dtype, flops=step_flops(config, batch), warmup=2)
     assert all(math.isfinite(float(value)) for value in losses.values())
@@ -270,7 +271,7 @@ class TorchLinear:
 
 
 class TorchStep:
-    """`VAEGAN.compute_gradients` + `apply_gradients` (vaegan mode, pixel reconstruction) in
+    """`VAEGAN.compute_gradients` + `TrainState`'s updates (vaegan mode, pixel reconstruction) in
     PyTorch eager ops, with the model's stacked batches, passes and flat Adam updates.
 
     Built from a fastvae model so that it starts from the same weights (for checking)."""
@@ -285,9 +286,6 @@ class TorchStep:
         self.dtype = getattr(torch, model.backend.dtype.name)
         self.device = device
         self.params, self.grads, self.optimizers, networks = {}, {}, {}, {}
-        for network in (model.encoder.body, model.decoder, model.discriminator):
-            if callable(getattr(network, "stages", None)):
-                network.stages()  # fuses each activation into its Linear (older layers)
         linears = {"encoder": model.encoder.linears(), "decoder": model.decoder.linears(),
                    "discriminator": model.discriminator.linears()}
         for name, layers in linears.items():

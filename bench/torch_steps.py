@@ -13,14 +13,6 @@ import contextlib
 import numpy as np
 
 
-def _fused_linears(network):
-    """The Linears of a fastvae network, each with the activation it runs with."""
-    stages = getattr(network, "stages", None)
-    if callable(stages):
-        stages()  # older layers fuse an activation into its Linear on first use
-    return network.linears()
-
-
 class AutogradStep:
     """Compute the VAE-GAN losses with autograd and step three fused Adams (mode vaegan, pixel
     reconstruction, as `VAEGAN.compute_gradients` defines them)."""
@@ -50,11 +42,11 @@ class AutogradStep:
             return nn.Sequential(*layers).to(device)
 
         encoder = model.encoder
-        self.encoder_body = sequential(_fused_linears(encoder.body))
+        self.encoder_body = sequential(encoder.body.linears())
         self.mu_head = sequential([encoder.mu_head])
         self.log_var_head = sequential([encoder.log_var_head])
-        self.decoder = sequential(_fused_linears(model.decoder))
-        self.discriminator = sequential(_fused_linears(model.discriminator))
+        self.decoder = sequential(model.decoder.linears())
+        self.discriminator = sequential(model.discriminator.linears())
         self.params = {
             "encoder": [*self.encoder_body.parameters(), *self.mu_head.parameters(),
                         *self.log_var_head.parameters()],

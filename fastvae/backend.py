@@ -3,7 +3,8 @@
 A `Backend` is passed to every layer at construction; `set_backend` / `use_backend` choose the
 default for code that does not pass one. The environment variable FASTVAE_BACKEND picks the
 default at start-up, else `default_backend_name()`: the fastest one installed (cupy where a GPU
-is visible, else numba, else the numpy reference).
+is visible, else numba, else the numpy reference). This is the one place the rest of fastvae
+reaches the kernel table (`fastvae.kernels`) from, its activation table included.
 
 The backend also carries the precision of the matrix products: "fp32", or "bf16" (bf16 inputs,
 fp32 accumulation; weights, optimiser state, activations and losses stay fp32), which layers
@@ -15,10 +16,27 @@ import os
 import numpy as np
 
 from fastvae import kernels
-from fastvae.errors import BackendUnavailable, ConfigError
+from fastvae.errors import BackendUnavailable, ConfigError, UnknownBackend
 
 DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "bf16")
+ACTIVATIONS = kernels.ACTIVATIONS   # names of the activations every backend computes
+LEAKY_SLOPE = kernels.LEAKY_SLOPE
+
+
+def load_kernels(name):
+    """The kernel module of backend `name`; UnknownBackend or BackendUnavailable if none."""
+    try:
+        return kernels.load(name)
+    except kernels.UnknownBackend as error:
+        raise UnknownBackend(str(error)) from error
+    except kernels.BackendUnavailable as error:
+        raise BackendUnavailable(str(error)) from error
+
+
+def to_numpy(array):
+    """A NumPy copy of a host or device array (for saving, plotting and tests)."""
+    return array.get() if hasattr(array, "get") else np.array(array)
 
 
 class Backend:
@@ -27,9 +45,10 @@ class Backend:
     def __init__(self, name="numpy", dtype="float32", seed=None, device_noise=True,
                  precision="fp32"):
         if str(dtype) not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}",
+                              "dtype")
         self.name = name
-        self.ops = kernels.load(name)
+        self.ops = load_kernels(name)
         self.xp = self.ops.xp
         self.dtype = np.dtype(dtype)
         self.device = getattr(self.ops, "DEVICE", "cpu")
@@ -58,9 +77,10 @@ class Backend:
         """A host or device array as this backend's array of its dtype (no copy if it is one)."""
         return self.xp.asarray(array, dtype=self.dtype)
 
-    def to_numpy(self, array):
+    @staticmethod
+    def to_numpy(array):
         """A NumPy copy of a backend array (for saving, plotting and tests)."""
-        return array.get() if hasattr(array, "get") else np.array(array)
+        return to_numpy(array)
 
     def standard_normal(self, out):
         """Fill `out` with N(0, 1) noise: on the device where the backend can (no host copy in a
@@ -88,19 +108,20 @@ def check_precision(name, ops, dtype, precision):
     """`precision` if backend `name` (kernels `ops`, arrays of `dtype`) can compute it, else a
     ConfigError or BackendUnavailable that says what to use instead."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}: choose one of "
+                          f"{', '.join(PRECISIONS)}", "precision")
     if precision == "fp32":
         return precision
     if np.dtype(dtype) != np.float32:
-        raise ConfigError(f"precision bf16 mixes bf16 products into float32 training: "
-                          f"use dtype float32, not {np.dtype(dtype).name}")
+        raise ConfigError(f"`precision` bf16 mixes bf16 products into float32 training: "
+                          f"use `dtype` float32, not {np.dtype(dtype).name}", "precision")
     why = getattr(ops, "bf16_unavailable_reason", None)
     reason = why() if why is not None else f"the {name} backend has no bf16 products"
     if reason:
         others = [other for other in bf16_backends() if other != name]
         hint = (f"; bf16 runs here on: {', '.join(others)}" if others else "") + \
-            "; or use precision fp32"
-        raise BackendUnavailable(f"precision bf16 is not available on backend {name!r}: "
+            "; or use `precision` fp32"
+        raise BackendUnavailable(f"`precision` bf16 is not available on backend {name!r}: "
                                  f"{reason}{hint}")
     return precision
 
@@ -136,13 +157,15 @@ def get_backend():
     return _current
 
 
-def resolve(backend):
-    """A Backend from None (the default), a name, or a Backend."""
-    if backend is None:
+def resolve(backend=None, **settings):
+    """A Backend from a Backend (used as it is), a name, or None: the default backend itself,
+    or with `settings` (dtype, seed, device_noise, precision) a new Backend of the default's
+    kind."""
+    if isinstance(backend, Backend):
+        return backend
+    if not backend and not settings:
         return get_backend()
-    if isinstance(backend, str):
-        return Backend(backend)
-    return backend
+    return Backend(backend or get_backend().name, **settings)
 
 
 @contextlib.contextmanager

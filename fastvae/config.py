@@ -8,7 +8,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from fastvae.kernels import ACTIVATIONS
+from fastvae.backend import ACTIVATIONS
+from fastvae.errors import ConfigError
 
 RECONSTRUCTIONS = ("pixel", "feature")
 MODES = ("vaegan", "vae")
@@ -67,44 +68,58 @@ class Config:
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first setting that cannot work."""
+        """Raise ConfigError naming the first setting that cannot work (its `field` too)."""
+        widths = self.encoder_widths + self.decoder_widths + self.discriminator_widths
+        bad_width = next((name for name in ("encoder_widths", "decoder_widths",
+                                            "discriminator_widths")
+                          if any(w < 1 for w in getattr(self, name))), None)
+        bad_lr = next((name for name in ("lr_encoder", "lr_decoder", "lr_discriminator")
+                       if not getattr(self, name) > 0), None)
+        bad_betas = next((name for name in ("betas_encoder", "betas_decoder",
+                                            "betas_discriminator")
+                          if not all(0 <= b < 1 for b in getattr(self, name))), None)
         checks = [
-            (self.image_size >= 1, "image_size must be at least 1"),
-            (self.latent_dim >= 1, "latent_dim must be at least 1"),
-            (all(w >= 1 for w in self.encoder_widths + self.decoder_widths
-                 + self.discriminator_widths), "layer widths must be at least 1"),
-            (len(self.encoder_widths) >= 1, "the encoder needs at least one hidden layer"),
-            (len(self.discriminator_widths) >= 1, "the discriminator needs a hidden layer"),
-            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
-            (self.discriminator_activation in ACTIVATIONS,
-             f"unknown activation {self.discriminator_activation!r}"),
-            (self.init in ("he", "glorot"), f"unknown init {self.init!r}: use he or glorot"),
-            (self.mode in MODES, f"unknown mode {self.mode!r}: use vaegan or vae"),
-            (self.reconstruction in RECONSTRUCTIONS,
+            (self.image_size >= 1, "image_size", "`image_size` must be at least 1"),
+            (self.latent_dim >= 1, "latent_dim", "`latent_dim` must be at least 1"),
+            (all(w >= 1 for w in widths), bad_width, "layer widths must be at least 1"),
+            (len(self.encoder_widths) >= 1, "encoder_widths",
+             "the encoder needs at least one hidden layer"),
+            (len(self.discriminator_widths) >= 1, "discriminator_widths",
+             "the discriminator needs a hidden layer"),
+            (self.activation in ACTIVATIONS, "activation",
+             f"unknown activation {self.activation!r}: use {', '.join(ACTIVATIONS)}"),
+            (self.discriminator_activation in ACTIVATIONS, "discriminator_activation",
+             f"unknown activation {self.discriminator_activation!r}: use "
+             f"{', '.join(ACTIVATIONS)}"),
+            (self.init in ("he", "glorot"), "init", f"unknown init {self.init!r}: use he or glorot"),
+            (self.mode in MODES, "mode", f"unknown mode {self.mode!r}: use vaegan or vae"),
+            (self.reconstruction in RECONSTRUCTIONS, "reconstruction",
              f"unknown reconstruction {self.reconstruction!r}: use pixel or feature"),
-            (self.mode == "vaegan" or self.reconstruction == "pixel",
-             "feature reconstruction needs the discriminator: use mode vaegan"),
+            (self.mode == "vaegan" or self.reconstruction == "pixel", "reconstruction",
+             "feature reconstruction needs the discriminator: use `mode` vaegan"),
             (-len(self.discriminator_widths) <= self.feature_layer < len(self.discriminator_widths),
-             f"feature_layer {self.feature_layer} is not a discriminator hidden layer"),
-            (self.gamma >= 0, "gamma must be non-negative"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
-            (min(self.lr_encoder, self.lr_decoder, self.lr_discriminator) > 0,
-             "learning rates must be positive"),
-            (all(0 <= b < 1 for b in self.betas_encoder + self.betas_decoder
-                 + self.betas_discriminator), "betas must lie in [0, 1)"),
-            (self.clip_grad_norm >= 0, "clip_grad_norm must be non-negative (0 turns it off)"),
-            (self.epochs >= 0, "epochs must be non-negative"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),
-            (self.precision in ("fp32", "bf16"),
+             "feature_layer",
+             f"`feature_layer` {self.feature_layer} is not a discriminator hidden layer"),
+            (self.gamma >= 0, "gamma", "`gamma` must be non-negative"),
+            (self.optimizer in OPTIMIZERS, "optimizer",
+             f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
+            (bad_lr is None, bad_lr, f"learning rates must be positive (`{bad_lr}`)"),
+            (bad_betas is None, bad_betas, f"betas must lie in [0, 1) (`{bad_betas}`)"),
+            (self.clip_grad_norm >= 0, "clip_grad_norm",
+             "`clip_grad_norm` must be non-negative (0 turns it off)"),
+            (self.epochs >= 0, "epochs", "`epochs` must be non-negative"),
+            (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),
+            (self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}"),
+            (self.precision in ("fp32", "bf16"), "precision",
              f"unknown precision {self.precision!r}: use fp32 or bf16"),
-            (self.precision == "fp32" or self.dtype == "float32",
-             "precision bf16 needs dtype float32"),
-            (self.train_limit >= 0 and self.test_limit >= 0, "limits must be non-negative"),
+            (self.precision == "fp32" or self.dtype == "float32", "precision",
+             "`precision` bf16 needs `dtype` float32"),
+            (self.train_limit >= 0, "train_limit", "`train_limit` must be non-negative"),
+            (self.test_limit >= 0, "test_limit", "`test_limit` must be non-negative"),
         ]
-        for ok, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message, name)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -118,7 +133,7 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}", unknown[0])
         return cls(**values)
 
     def replace(self, **changes):

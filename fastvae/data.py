@@ -29,7 +29,7 @@ SPLITS = ("train", "test")
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 20
 REDOWNLOAD_ADVICE = "delete it and run again to re-download, or replace it with a good copy"
-FOLDER_ADVICE = "pass --data-dir or set FASTVAE_DATA to a folder that has the files"
+FOLDER_ADVICE = "pass `data_dir` or set FASTVAE_DATA to a folder that has the files"
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def _temporary_file(folder: Path, name: str) -> Path:
     except OSError as error:
         raise DataError(
             f"cannot write to {folder} to download the dataset ({error}): "
-            "pass --data-dir or set FASTVAE_DATA to a writable folder or to one that has the files"
+            "pass `data_dir` or set FASTVAE_DATA to a writable folder or to one that has the files"
         ) from error
     os.close(handle)
     return Path(part_path)
@@ -343,7 +343,9 @@ def find_or_fetch(
     missing = [idx_file for idx_file in spec.files if _locate(folder, idx_file) is None]
     if not download:
         names = ", ".join(f"{idx_file.name}[.gz]" for idx_file in missing)
-        raise DataError(f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading")
+        raise DataError(
+            f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading"
+        )
     for idx_file in missing:
         _fetch(idx_file, folder, spec.mirrors if mirrors is None else mirrors, dataset, spec)
     if verify:

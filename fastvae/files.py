@@ -3,13 +3,15 @@ import os
 import secrets
 from pathlib import Path
 
+from fastvae.errors import OutputError
+
 
 def write_atomic(path, write):
     """Call write(file) on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "xb") as file:
             write(file)
             file.flush()
@@ -17,8 +19,8 @@ def write_atomic(path, write):
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; the previous "
-                                   f"version, if any, is unchanged") from error
+        raise OutputError(error.errno, f"could not write {path}: {error.strerror or error}; the "
+                                       f"previous version, if any, is unchanged") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -63,7 +63,8 @@ def _ink(gray, path):
     contrast = float(ink.max()) - background
     if contrast < MIN_CONTRAST:
         raise ImageError(
-            f"'{path}' has no visible digit (it is blank); draw the digit in a colour that stands out from the background."
+            f"'{path}' has no visible digit (it is blank); draw the digit in a colour that stands out "
+            "from the background."
         )
     return np.clip((ink - background) / contrast, 0.0, 1.0)
 

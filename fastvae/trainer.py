@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import checkpoint, data, viz
-from fastvae.captured import CapturedStep
-from fastvae.config import Config
-from fastvae.errors import TrainingError
-from fastvae.evaluate import bernoulli_nll
+from fastvae import data, metrics, viz
+from fastvae.errors import FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState, checkpoint_config, read_checkpoint
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.csv"
@@ -35,15 +33,8 @@ SHOWN = 64
 RESUMABLE = ("epochs", "backend", "cuda_graph")  # settings a resumed run may change
 
 
-class Interrupted(Exception):
+class Interrupted(FastvaeError):
     """Training stopped on request (Ctrl-C) after saving a checkpoint it can resume from."""
-
-
-def reconstruction_errors(model, images, batch_size=1000):
-    """Mean per-image BCE (nats) and per-pixel MSE of the model's reconstructions of `images`."""
-    recon = np.concatenate([model.reconstruct(images[start:start + batch_size])
-                            for start in range(0, len(images), batch_size)])
-    return float(np.mean(bernoulli_nll(images, recon))), float(np.mean((recon - images) ** 2))
 
 
 def interpolation_rows(model, images, steps=10):
@@ -61,11 +52,11 @@ class Trainer:
                  log_every=50):
         self.config, self.run_dir = config, Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"run directory {self.run_dir} is a file: choose another --run-dir")
+            raise TrainingError(f"run directory {self.run_dir} is a file: choose another `run_dir`")
         self.data_dir, self.download = data_dir, download
         self.progress, self.log_every = progress, log_every
         self.model = None
-        self.step = None         # the training step function: the model's, or its CUDA graph
+        self.state = None        # the model's TrainState: optimizers, step counts, the step
         self.epoch = 0
         self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
         self.metrics = []        # one row per epoch
@@ -85,7 +76,7 @@ class Trainer:
                                   self.config.test_limit or None)
         if len(train) < self.config.batch_size:
             raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
-                                f"{len(train)} training images: lower --batch-size")
+                                f"{len(train)} training images: lower `batch_size`")
         backend = self.model.backend
         self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
         self.test_images = data.to_unit_float(test, np, "float64")
@@ -94,27 +85,32 @@ class Trainer:
             (SHOWN, self.config.latent_dim))
 
     def start(self, resume=False, overwrite=False):
-        """Build the model (so an unknown or missing backend is the first error), then restore
-        it and the run's state from the run's checkpoint when resuming."""
+        """Build the model (so an unknown or missing backend is the first error), restore it
+        and the run's state from the run's checkpoint when resuming, and prepare the step."""
         self.model = VAEGAN(self.config)
+        self.state = TrainState(self.model)
         self.config = self.model.config
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
-            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
-                                f"continue it, --overwrite to replace it, or another --run-dir")
-        if not (resume and path.exists()):
-            return
-        header, arrays = checkpoint.read(path)
-        saved = Config.from_dict(header["config"])
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass `resume` to "
+                                f"continue it, `overwrite` to replace it, or another `run_dir`")
+        if resume and path.exists():
+            self.resume_from(path)
+        self.prepare_step()
+
+    def resume_from(self, path):
+        """The training state and the run's history from checkpoint `path`, whose settings
+        must be this run's (but for RESUMABLE ones)."""
+        header, arrays = read_checkpoint(path)
+        saved = checkpoint_config(header, path)
         changed = [f"{key} {value!r} -> {getattr(self.config, key)!r}"
                    for key, value in saved.to_dict().items()
                    if key not in RESUMABLE and value != self.config.to_dict()[key]]
         if changed:
-            raise TrainingError(f"--resume continues {path} with its own settings, but these "
+            raise TrainingError(f"`resume` continues {path} with its own settings, but these "
                                 f"differ: {'; '.join(changed)}. Drop those flags, or train "
-                                f"into a new --run-dir")
-        checkpoint.restore(self.model, header, arrays, path)
-        extra = header["extra"]
+                                f"into a new `run_dir`")
+        extra = self.state.restore(header, arrays, path)
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
         self.order_rng.bit_generator.state = extra["order_rng"]
         self.partial = extra.get("partial")
@@ -130,7 +126,11 @@ class Trainer:
         Ctrl-C (SIGINT) finishes the current step, saves a checkpoint there and raises
         `Interrupted`; `--resume` then continues exactly as if nothing had happened.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrainingError(f"cannot make the run directory {self.run_dir} ({error}): "
+                                f"choose another `run_dir`") from error
         for stale in self.run_dir.glob(".*.tmp"):    # left by a process killed mid-write
             stale.unlink()
         self.start(resume, overwrite)
@@ -143,14 +143,13 @@ class Trainer:
                 self.write_outputs()
         return self.metrics
 
-    def step_function(self):
-        """`model.train_step`, or on the cupy backend with noise drawn on the device (unless
-        config.cuda_graph is off) the same step recorded once as a CUDA graph and replayed."""
+    def prepare_step(self):
+        """On the cupy backend with noise drawn on the device (unless config.cuda_graph is
+        off), record the training step once as a CUDA graph that every step then replays."""
         backend = self.model.backend
         if (self.config.cuda_graph and hasattr(backend.ops, "capture_graph")
                 and backend.device_rng is not None):
-            return CapturedStep(self.model, self.config.batch_size).train_step
-        return self.model.train_step
+            self.state.capture_graph(self.config.batch_size)
 
     def request_stop(self):
         """Stop at the end of the current step, saving a checkpoint there."""
@@ -175,8 +174,6 @@ class Trainer:
     def train_epoch(self):
         """One pass over the shuffled training set (the rest of it, after a mid-epoch resume)."""
         batch_size = self.config.batch_size
-        if self.step is None:
-            self.step = self.step_function()
         steps = data.num_batches(len(self.train_images), batch_size)
         partial = self.partial or {}
         self.partial = None
@@ -192,7 +189,7 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
         for step, batch in enumerate(bar, done + 1):
-            for key, value in self.step(batch).items():
+            for key, value in self.state.step(batch).items():
                 sums[key] = sums.get(key, 0.0) + value  # a new array: a graph reuses `value`
             count += 1
             if count == self.log_every or step == steps:
@@ -214,11 +211,12 @@ class Trainer:
                 self.save_checkpoint()
                 raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {step} of "
                                   f"{steps}; checkpoint saved in {self.run_dir}: continue "
-                                  f"with --resume")
+                                  f"with `resume`")
         bar.close()
         seconds = time.perf_counter() - started
         self.epoch += 1
-        test_bce, test_mse = reconstruction_errors(self.model, self.test_images)
+        test_bce, test_mse = (float(np.mean(errors)) for errors in
+                              metrics.reconstruction_errors(self.model, self.test_images))
         row = {"epoch": self.epoch, "steps": steps,
                **{key: epoch_sums.get(key, float("nan")) / steps for key in LOSS_KEYS},
                "test_bce": test_bce, "test_mse": test_mse, "seconds": seconds,
@@ -233,18 +231,18 @@ class Trainer:
         """Running means of the losses (the one host read per logging interval), checked."""
         means = {key: float(value) / count for key, value in sums.items()}
         bad_losses = [key for key, value in means.items() if not math.isfinite(value)]
-        bad_networks = self.model.non_finite_networks()
+        bad_networks = self.state.non_finite_networks()
         if bad_losses or bad_networks:
             where = f"epoch {self.epoch + 1}, step {step}"
             what = (f"non-finite parameters in the {' and '.join(bad_networks)}" if bad_networks
                     else f"non-finite {', '.join(bad_losses)} loss")
-            rates = ", ".join(f"--lr-{name} {getattr(self.config, 'lr_' + name):g}"
+            rates = ", ".join(f"`lr_{name}` {getattr(self.config, 'lr_' + name):g}"
                               for name in (bad_networks or self.model.params))
             kept = (f"the last good checkpoint (epoch {self.epoch}) is kept in {self.run_dir}"
                     if self.epoch else "no checkpoint was written yet")
             raise TrainingError(f"{what} at {where}: training diverged, most likely from a "
                                 f"learning rate too high ({rates}) - lower it, or set "
-                                f"--clip-grad-norm; {kept}")
+                                f"`clip_grad_norm`; {kept}")
         return means
 
     # ----- outputs -----
@@ -287,10 +285,10 @@ class Trainer:
     def save_checkpoint(self):
         extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,
                  "order_rng": self.order_rng.bit_generator.state, "partial": self.partial}
-        self.model.save(self.run_dir / CHECKPOINT, extra)
+        self.state.save(self.run_dir / CHECKPOINT, extra)
 
 
 def saved_config(run_dir):
     """The Config of the checkpoint in `run_dir`, or None when there is none."""
     path = Path(run_dir) / CHECKPOINT
-    return Config.from_dict(checkpoint.read(path)[0]["config"]) if path.exists() else None
+    return checkpoint_config(read_checkpoint(path)[0], path) if path.exists() else None

@@ -14,6 +14,7 @@ FASTVAE_MKL=off hides the library (fp32 on NumPy's BLAS, as without it).
 import ctypes
 import ctypes.util
 import os
+import site
 import sys
 from pathlib import Path
 
@@ -68,7 +69,8 @@ class Library:
 def _search_paths():
     """Where pip puts libmkl_rt (the environment's lib/), then the loader's own search."""
     folders = []
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)):
+    prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, site.getuserbase())
+    for prefix in dict.fromkeys(prefixes):
         folders += [Path(prefix) / "lib", Path(prefix) / "Library" / "bin"]
     for folder in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
         if folder:

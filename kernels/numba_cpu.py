@@ -37,10 +37,9 @@ import os
 
 import numpy as np
 
-try:
-    from . import mkl as _mkl
-except ImportError:  # loaded from its file outside the package (a test does)
-    from fastvae.kernels import mkl as _mkl
+from . import ACTIVATION_CODES as _CODES
+from . import LEAKY_SLOPE
+from . import mkl as _mkl
 
 try:
     import numba
@@ -59,13 +58,11 @@ if MKL is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"  # oneMKL's GNU OpenMP runtime: one pool for both
 _NO16 = np.zeros((1, 1), dtype=np.uint16)  # stands for "no bf16 copy" (one type per kernel arg)
 
-LEAKY_SLOPE = 0.2
 xp = np
 DEVICE = "cpu"
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
-_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
-          "tanh": TANH}
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = (
+    _CODES[name] for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh"))
 
 
 def unavailable_reason():
@@ -734,13 +731,19 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
 _NO16_FLAT = np.zeros(1, dtype=np.uint16)
 
 
+def _parallel(param):
+    """prange only where oneMKL computes the products (float32): float64 products stay on
+    NumPy's BLAS, whose spinning threads a parallel kernel would fight."""
+    return PARALLEL and param.dtype == np.float32
+
+
 def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, param16=None):
     """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
 
     `param16`, if given, receives bf16(param) in the same pass (the products' weight copy)."""
     real = param.dtype.type
     beta1, beta2 = float(beta1), float(beta2)
-    kernel = _adam_parallel if PARALLEL else _adam
+    kernel = _adam_parallel if _parallel(param) else _adam
     want16 = param16 is not None
     kernel(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
            real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
@@ -751,7 +754,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, p
 def sgd_update(param, grad, velocity, lr, momentum, param16=None):
     """One step of SGD with (heavy-ball) momentum, in place; `param16` as for Adam."""
     real = param.dtype.type
-    kernel = _sgd_parallel if PARALLEL else _sgd
+    kernel = _sgd_parallel if _parallel(param) else _sgd
     want16 = param16 is not None
     kernel(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum),
            _flat_out(param16) if want16 else _NO16_FLAT, want16)

@@ -17,7 +17,8 @@ A backend that offers bf16 has `to_bf16` and `bf16_unavailable_reason()` (None w
 """
 import numpy as np
 
-LEAKY_SLOPE = 0.2
+from . import LEAKY_SLOPE
+
 xp = np
 DEVICE = "cpu"
 

@@ -22,6 +22,7 @@ from fastvae.errors import BackendUnavailable, ConfigError
 from fastvae.kernels import mkl
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState, load_model
 
 BF16_BACKENDS = [name for name in bf16_backends() if name != "numpy"]
 needs_bf16 = pytest.mark.skipif(not BF16_BACKENDS,
@@ -176,10 +177,11 @@ def small(**overrides):
 
 def train(backend, precision, images, steps, batch=32, config=None):
     model = VAEGAN((config or small()).replace(precision=precision), backend)
+    state = TrainState(model)
     history = []
     for step in range(steps):
         x = model.backend.asarray(images[(step * batch) % len(images):][:batch])
-        history.append({key: float(value) for key, value in model.train_step(x).items()})
+        history.append({key: float(value) for key, value in state.step(x).items()})
     return model, history
 
 
@@ -217,33 +219,37 @@ def test_short_bf16_training_stays_within_tolerance_of_fp32(mnist_subset):
 
 
 def test_a_restored_bf16_model_refreshes_its_weight_copies(tmp_path):
-    model = VAEGAN(small(precision="bf16"), "numpy")
-    model.train_step(model.backend.asarray(np.random.default_rng(0).random((8, 784))))
-    model.save(tmp_path / "model.npz")
-    restored = VAEGAN.load(tmp_path / "model.npz")
+    state = TrainState(VAEGAN(small(precision="bf16"), "numpy"))
+    state.step(state.backend.asarray(np.random.default_rng(0).random((8, 784))))
+    state.save(tmp_path / "model.npz")
+    restored = load_model(tmp_path / "model.npz")
     assert restored.config.precision == "bf16"
     for name, params in restored.params.items():
         np.testing.assert_array_equal(restored.params16[name], bf16(params))
-    assert VAEGAN.load(tmp_path / "model.npz", precision="fp32").params16["encoder"] is None
+        np.testing.assert_array_equal(params, state.model.params[name])
+    assert load_model(tmp_path / "model.npz", precision="fp32").params16["encoder"] is None
 
 
 # ----------------------------------------------------------------------------- clear errors
 def test_bf16_needs_float32():
-    with pytest.raises(ValueError, match="bf16 needs dtype float32"):
+    with pytest.raises(ConfigError, match="bf16 needs `dtype` float32"):
         Config(precision="bf16", dtype="float64")
-    with pytest.raises(ConfigError, match="use dtype float32"):
+    with pytest.raises(ConfigError, match="use `dtype` float32"):
         Backend("numpy", "float64", precision="bf16")
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         Backend("numpy", precision="fp16")
 
 
-def test_a_backend_without_bf16_products_is_refused_naming_those_with_them(monkeypatch):
+def test_a_backend_without_bf16_products_is_refused_naming_those_with_them():
     plain = types.SimpleNamespace(xp=np, unavailable_reason=lambda: None,
                                   **{op: getattr(ref, op) for op in kernels.OPS})
-    monkeypatch.setitem(kernels._MODULES, "plain", plain)
-    with pytest.raises(BackendUnavailable, match="backend 'plain'.*no bf16 products.*numpy"):
-        Backend("plain", precision="bf16")
-    Backend("plain")  # fp32 is fine
+    kernels.register("plain", plain)
+    try:
+        with pytest.raises(BackendUnavailable, match="backend 'plain'.*no bf16 products.*numpy"):
+            Backend("plain", precision="bf16")
+        Backend("plain")  # fp32 is fine
+    finally:
+        kernels.unregister("plain")
 
 
 @pytest.fixture
@@ -276,7 +282,7 @@ def test_the_cli_reports_an_unusable_precision_in_one_line(capsys, tmp_path):
                        "bf16", "--run-dir", str(tmp_path / "run"), "--epochs", "0"])
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "bf16 needs dtype float32" in err
+    assert "\n" not in err and "bf16 needs --dtype float32" in err
 
 
 # ----------------------------------------------------------------------------- without oneMKL

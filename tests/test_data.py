@@ -263,7 +263,7 @@ def test_all_mirrors_failing_names_them_and_the_way_out(tiny, http_mirror, tmp_p
         data.find_or_fetch("tiny", cache, mirrors=mirrors)
     message = str(error.value)
     assert all(mirror in message for mirror in mirrors)
-    assert "FASTVAE_DATA" in message and "--data-dir" in message
+    assert "FASTVAE_DATA" in message and "`data_dir`" in message
     assert list(cache.iterdir()) == []
 
 

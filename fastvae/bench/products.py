@@ -1,11 +1,12 @@
 """The step's matrix products, traced from a real training step.
 
-`step_products(config, batch)` runs one `VAEGAN.train_step` on the NumPy reference with a
+`step_products(config, batch)` runs one `TrainState.step` on the NumPy reference with a
 kernel table that records the shape of every product the dense ops compute (the counting
 backend of the tests), so the products-alone bound and the FLOP counts follow the model as it
 is, never a hand-kept copy of it.
 """
 import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,20 +85,21 @@ def _traced(config_json, batch):
     from fastvae.backend import Backend
     from fastvae.config import Config
     from fastvae.model import VAEGAN
+    from fastvae.state import TrainState
 
-    config = Config.from_dict(__import__("json").loads(config_json))
+    config = Config.from_dict(json.loads(config_json))
     config = config.replace(backend="numpy", precision="fp32", dtype="float32")
     backend = Backend("numpy", "float32", seed=0)
     tracer = backend.ops = ProductTracer(backend.ops)
     model = VAEGAN(config, backend)
     tracer.names = layer_names(model)
     x = backend.asarray(np.random.default_rng(0).random((batch, config.image_size)))
-    model.train_step(x)
+    TrainState(model).step(x)
     return tuple(tracer.products)
 
 
 def step_products(config, batch):
-    """Every matrix product one `VAEGAN.train_step` on `batch` rows computes, in order."""
+    """Every matrix product one `TrainState.step` on `batch` rows computes, in order."""
     return list(_traced(config.to_json(), int(batch)))
 
 

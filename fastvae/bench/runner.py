@@ -9,9 +9,16 @@ import tempfile
 from pathlib import Path
 
 from fastvae.bench.chart import draw_chart
-from fastvae.bench.report import (compare_records, format_comparison, format_op_table,
-                                  format_step_table, format_targets, load_records, op_tables,
-                                  summarise)
+from fastvae.bench.report import (
+    compare_records,
+    format_comparison,
+    format_op_table,
+    format_step_table,
+    format_targets,
+    load_records,
+    op_tables,
+    summarise,
+)
 
 DEFAULT_JSON = "fastvae-bench.json"
 DEFAULT_CHART = "fastvae-bench.png"
