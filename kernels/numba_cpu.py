@@ -373,6 +373,7 @@ def _dense_forward_mkl(address, a, b, bias, out, code, out16, want16):
 
 @_jit()
 def _dense_forward_mkl_parallel(address, a, b, bias, out, code, out16, want16):
+    """`_dense_forward_mkl` with the row pass shared among the threads."""
     _gemm(address, a, False, b, False, out)
     _bias_act_rows_parallel(out, bias, code, out16, want16)
 
@@ -589,7 +590,19 @@ def activation_backward(activation, y, grad_out, out):
 
 
 def _contiguous(*arrays):
-    return all(array.flags.c_contiguous for array in arrays)
+    return all(array is None or array.flags.c_contiguous for array in arrays)
+
+
+def _on_mkl(bf16, *operands):
+    """Whether oneMKL computes a product of these operands: float32 (or bf16) C-contiguous
+    arrays where it is installed; bf16 operands must be (the layers make them so)."""
+    if bf16:
+        if MKL is None:
+            raise RuntimeError(bf16_unavailable_reason())
+        if not _contiguous(*operands):
+            raise ValueError("numba backend: bf16 products take C-contiguous operands")
+        return True
+    return MKL is not None and operands[0].dtype == np.float32 and _contiguous(*operands)
 
 
 def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out16=None):
@@ -600,9 +613,7 @@ def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out
     """
     code = _code(activation)
     bf16 = weight16 is not None
-    if bf16 and MKL is None:
-        raise RuntimeError(bf16_unavailable_reason())
-    if MKL is not None and x.dtype == np.float32 and _contiguous(x, weight, out):
+    if _on_mkl(bf16, *((x16, weight16, out) if bf16 else (x, weight, out))):
         address = MKL.gemm_bf16_address if bf16 else MKL.sgemm_address
         a, b = (x16, weight16) if bf16 else (x, weight)
         want16 = out16 is not None and code != TANH
@@ -643,10 +654,9 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
     if y is None and code == IDENTITY:
         y = grad_out
     bf16 = weight16 is not None
-    if bf16 and MKL is None:
-        raise RuntimeError(bf16_unavailable_reason())
     want_weight = grad_weight is not None and grad_bias is not None  # they go together
-    if MKL is not None and x.dtype == np.float32 and _contiguous(grad_out, x, y, weight, scratch):
+    operands = (x16, weight16, scratch16) if bf16 else (x, weight, scratch)
+    if _on_mkl(bf16, *operands, grad_weight, grad_in):
         address = MKL.gemm_bf16_address if bf16 else MKL.sgemm_address
         a, b, g = (x16, weight16, scratch16) if bf16 else (x, weight, scratch)
         acc = _accumulator(grad_bias) if want_weight else _ACCUMULATOR_NONE

@@ -109,6 +109,14 @@ def test_bf16_dense_forward_matches_the_reference(ops, shape, activation):
     np.testing.assert_array_equal(got16, bf16(got))  # the copy is of the result written
 
 
+def test_bf16_products_refuse_strided_operands(ops):
+    x, weight, bias = layer_inputs((8, 6, 4), 7)
+    strided = np.zeros((6, 8), np.uint16).T  # an (8, 6) view, not C-contiguous
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.dense_forward(x, weight, bias, "relu", np.empty((8, 4), np.float32), x16=strided,
+                          weight16=bf16(weight))
+
+
 @pytest.mark.parametrize("shape,activation", LAYERS, ids=LAYER_IDS)
 @pytest.mark.parametrize("param_grads,input_grad", [(True, True), (True, False), (False, True)])
 def test_bf16_dense_backward_matches_the_reference(ops, shape, activation, param_grads,
