@@ -40,7 +40,11 @@ def read(path, kind="checkpoint"):
     if not path.is_file():
         raise CheckpointError(f"{kind} {path} does not exist (or is not a file)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path} holds a single array (.npy), not a fastvae {kind}: "
+                                  f"give the .npz that fastvae wrote")
+        with loaded as archive:
             if "header" not in archive.files:
                 raise CheckpointError(f"{path} is not a fastvae {kind} (no header)")
             header = json.loads(archive["header"].tobytes().decode())
@@ -50,4 +54,7 @@ def read(path, kind="checkpoint"):
             raise
         raise CheckpointError(f"{path} is not a readable {kind} (truncated or not a "
                               f"fastvae file: {error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a fastvae {kind} (its header is not a JSON "
+                              f"object)")
     return header, arrays

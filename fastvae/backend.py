@@ -153,6 +153,7 @@ def set_backend(name="numpy", dtype="float32", seed=None, precision="fp32"):
 def get_backend():
     """The default backend, made on first use from FASTVAE_BACKEND, else the fastest one here."""
     if _current is None:
+        # FASTVAE_BACKEND set but empty counts as unset
         set_backend(os.environ.get("FASTVAE_BACKEND") or default_backend_name())
     return _current
 

@@ -11,12 +11,15 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from fastvae import backend
 from fastvae.config import Config, field_comments
 from fastvae.errors import ConfigError, FastvaeError
 from fastvae.trainer import Interrupted
+
+MAX_SAMPLES = 1024  # the most `fastvae sample` draws into one picture (a 32 x 32 grid)
 
 try:
     import tomllib
@@ -118,8 +121,11 @@ def cmd_reconstruct(args):
 
 def cmd_sample(args):
     from fastvae import viz
-    if args.n < 1:
-        raise ConfigError("-n must be at least 1")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"-n must lie in 1..{MAX_SAMPLES}, got {args.n}: one picture holds "
+                          f"at most {MAX_SAMPLES} samples (run again with another --seed for "
+                          f"more)")
+    _check_seed(args.seed)
     model = _load_model(args)
     viz.save_grid(args.output, model.sample(args.n, seed=args.seed), title="decoded prior samples")
     print(f"wrote {args.output}")
@@ -133,6 +139,7 @@ def cmd_evaluate(args):
         raise ConfigError("--k, --kid-subsets and --classifier-epochs must be at least 1")
     if min(args.samples, args.limit) < 0:
         raise ConfigError("--samples and --limit must not be negative")
+    _check_seed(args.seed)
     model = _load_model(args)
     dataset, download = model.config.dataset, not args.no_download
     test, labels = data.load_split(dataset, "test", args.data_dir, download, args.limit or None)
@@ -157,6 +164,11 @@ def cmd_evaluate(args):
         write_atomic(args.json, lambda file: file.write(text))
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_seed(seed):
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
 
 
 def cmd_gradcheck(args):
@@ -259,12 +271,21 @@ def make_parser():
 
 
 def main(argv=None):
+    """Run one command; Python warnings (NumPy's overflow notes, PIL's) are hidden so that a
+    mistake reads as one line (FASTVAE_DEBUG=1 shows them, and tracebacks)."""
     args = make_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not os.environ.get("FASTVAE_DEBUG"):
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args):
     try:
         return args.func(args)
     except Interrupted as stop:
         print(f"fastvae {args.command}: {as_flags(str(stop))}", file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     except FastvaeError as error:
         if os.environ.get("FASTVAE_DEBUG"):
             raise

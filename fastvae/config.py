@@ -5,6 +5,8 @@ A copy is saved with every checkpoint; the CLI builds a flag for each field.
 import dataclasses
 import inspect
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -14,6 +16,7 @@ from fastvae.errors import ConfigError
 RECONSTRUCTIONS = ("pixel", "feature")
 MODES = ("vaegan", "vae")
 OPTIMIZERS = ("adam", "sgd")
+LENGTHS = {"betas_encoder": 2, "betas_decoder": 2, "betas_discriminator": 2}  # exact lengths
 
 
 @dataclass
@@ -62,9 +65,8 @@ class Config:
     extras: dict = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self):
-        for name in ("encoder_widths", "decoder_widths", "discriminator_widths",
-                     "betas_encoder", "betas_decoder", "betas_discriminator"):
-            setattr(self, name, tuple(getattr(self, name)))
+        for setting in dataclasses.fields(self):
+            setattr(self, setting.name, _typed(setting, getattr(self, setting.name)))
         self.validate()
 
     def validate(self):
@@ -108,6 +110,7 @@ class Config:
             (self.clip_grad_norm >= 0, "clip_grad_norm",
              "`clip_grad_norm` must be non-negative (0 turns it off)"),
             (self.epochs >= 0, "epochs", "`epochs` must be non-negative"),
+            (self.seed >= 0, "seed", f"`seed` must be non-negative, got {self.seed}"),
             (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),
             (self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}"),
             (self.precision in ("fp32", "bf16"), "precision",
@@ -116,10 +119,24 @@ class Config:
              "`precision` bf16 needs `dtype` float32"),
             (self.train_limit >= 0, "train_limit", "`train_limit` must be non-negative"),
             (self.test_limit >= 0, "test_limit", "`test_limit` must be non-negative"),
+            (self.test_limit != 1, "test_limit", "`test_limit` must be 0 (all) or at least 2: "
+                                                 "the pictures interpolate between pairs of "
+                                                 "test images"),
         ]
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(message, name)
+
+    def parameter_count(self):
+        """How many weights and biases the three networks hold (for memory and disk checks)."""
+        def linears(sizes):
+            return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        encoder = linears((self.image_size,) + self.encoder_widths)
+        encoder += 2 * linears((self.encoder_widths[-1], self.latent_dim))
+        decoder = linears((self.latent_dim,) + self.decoder_widths + (self.image_size,))
+        discriminator = (linears((self.image_size,) + self.discriminator_widths + (1,))
+                         if self.mode == "vaegan" else 0)
+        return encoder + decoder + discriminator
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -138,6 +155,53 @@ class Config:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _typed(setting, value):
+    """`value` as the type of Config field `setting`; ConfigError naming the field otherwise."""
+    name, kind = setting.name, setting.type
+    if kind is tuple:
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"`{name}` must be a list, got {value!r}", name)
+        element = type(setting.default[0])
+        values = tuple(_scalar(name, element, item, " entries") for item in value)
+        if name in LENGTHS and len(values) != LENGTHS[name]:
+            raise ConfigError(f"`{name}` takes exactly {LENGTHS[name]} values, got "
+                              f"{len(values)}", name)
+        return values
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of notes, got {value!r}", name)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{name} must hold only strings, numbers, booleans, lists and "
+                              f"tables (it is saved as JSON): {error}", name) from error
+        return value
+    return _scalar(name, kind, value)
+
+
+def _scalar(name, kind, value, part=""):
+    """`value` as a bool, int, float or str; ints refuse fractions, floats refuse nan and inf.
+    `part` says which part of setting `name` it is (" entries" of a list)."""
+    what = f"`{name}`{part}"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}", name)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} must be a string, got {value!r}", name)
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{what} must be a whole number, got {value!r}", name)
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} must be a number, got {value!r}", name)
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}", name)
+    return float(value)
 
 
 def field_comments():

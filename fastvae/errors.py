@@ -32,7 +32,8 @@ class ImageError(FastvaeError, ValueError):
 
 
 class OutputError(FastvaeError, OSError):
-    """An output file or folder that cannot be written; what was there before is unchanged."""
+    """An output file that cannot be written (no name, a file where a folder must be, a full
+    disk); whatever was there before is unchanged."""
 
 
 class TrainingError(FastvaeError, RuntimeError):

@@ -19,6 +19,7 @@ from fastvae.optim import clip_norm, make_optimizer
 
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
+HEADER_KEYS = ("config", "step_counts", "noise_rng", "extra", "sha256")
 
 
 class TrainState:
@@ -133,6 +134,13 @@ class TrainState:
                 found = arrays[key].shape if key in arrays else "nothing"
                 raise CheckpointError(f"{path} does not fit this model: {key} should have "
                                       f"shape {value.shape}, found {found}")
+        bad = [name for name in self.model.params
+               if not np.isfinite(arrays[f"params/{name}"]).all()]
+        if bad:
+            raise CheckpointError(f"{path} holds non-finite parameters in the "
+                                  f"{' and '.join(bad)} (saved from a run that diverged): use "
+                                  f"an earlier checkpoint, or train again with a lower learning "
+                                  f"rate")
         for name, params in self.model.params.items():
             params[...] = self.backend.asarray(arrays[f"params/{name}"])
         refresh = getattr(self.model, "refresh_bf16_weights", None)
@@ -169,6 +177,10 @@ def read_checkpoint(path):
     if header.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {header.get('version')}; "
                               f"this fastvae reads version {VERSION}")
+    missing = [key for key in HEADER_KEYS if key not in header]
+    if missing or not isinstance(header["config"], dict):
+        raise CheckpointError(f"{path} is damaged: its header lacks "
+                              f"{', '.join(missing) or 'a valid config'}; use another checkpoint")
     if archive.digest(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path} is corrupted: its arrays do not match their checksum")
     return header, arrays

@@ -108,7 +108,7 @@ def test_every_library_the_package_imports_is_declared():
     declared = {dependency.split(">")[0].split(";")[0].strip().lower()
                 for group in [project["dependencies"], *project["optional-dependencies"].values()]
                 for dependency in group}
-    distribution = {"PIL": "pillow"}
+    distribution = {"PIL": "pillow", "pytest_benchmark": "pytest-benchmark"}
     missing = [name for name in third_party
                if distribution.get(name, name).lower() not in declared]
     assert not missing, missing

@@ -67,12 +67,13 @@ def _wait_for(path, process, timeout=60):
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, mnist_dir):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_sigterm_and_sighup_save_a_checkpoint_that_resumes(tmp_path, mnist_dir, stop):
     process = _train_process(tmp_path, mnist_dir, epochs=200)
     _wait_for(tmp_path / CHECKPOINT, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + getattr(signal, stop), err   # 130, 143, 129
     assert "checkpoint saved" in err and "Traceback" not in err
     header, _ = read(tmp_path / CHECKPOINT)
     epoch = header["extra"]["epoch"]

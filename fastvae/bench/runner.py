@@ -19,6 +19,7 @@ from fastvae.bench.report import (
     op_tables,
     summarise,
 )
+from fastvae.errors import FastvaeError
 
 DEFAULT_JSON = "fastvae-bench.json"
 DEFAULT_CHART = "fastvae-bench.png"
@@ -130,7 +131,12 @@ def run(quick=False, backends=None, batch_sizes=None, dtype="float32", json_path
     `precision` fp32, bf16 or all (bf16 where a backend can).
     Returns a dict: records, tables, op_tables, comparison, json_path, chart_path, exit_code.
     """
-    import pytest
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401  (the plugin the suite's timings come from)
+    except ImportError as error:
+        raise FastvaeError(f"fastvae bench needs pytest and pytest-benchmark ({error}): "
+                           f"pip install 'fastvae[dev]'") from error
 
     stream = stream or sys.stdout
     saved = load_records(compare) if compare else None  # read first: the run may overwrite it
