@@ -25,6 +25,7 @@ import pytest
 from fastvae import kernels
 from fastvae.backend import Backend
 from fastvae.bench import step_flops, step_products
+from fastvae.bench.report import PRODUCT_PATHS
 from fastvae.config import Config
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState
@@ -121,8 +122,6 @@ def make_operands(products, xp, dtype, seed=0):
     return operands
 
 
-PRODUCT_PATHS = {"blas": "NumPy BLAS fp32", "onemkl": "oneMKL fp32",
-                 "onemkl-bf16": "oneMKL bf16"}  # keys: fastvae.bench.runner.PRODUCT_PATHS
 
 
 def onemkl_products(products, bf16, seed=0):
@@ -171,8 +170,7 @@ def test_products(timed, device, batch, dtype, product_path):
         if precision == "bf16":
             check_precision("numba", dtype, precision)
         run, check = onemkl_products(products, precision == "bf16")
-        timed(run, xp=np, backend="numba", label=f"products {PRODUCT_PATHS[product_path]}",
-              **info)
+        timed(run, xp=np, backend="numba", label=PRODUCT_PATHS[product_path], **info)
         check()
         return
     operands = make_operands(products, xp, dtype)
@@ -192,7 +190,7 @@ def test_products(timed, device, batch, dtype, product_path):
         graph = cupy_gpu.capture_graph(all_products)
         run = lambda: (graph.launch(), graph.result)[1]  # noqa: E731
 
-    label = "products cuBLAS" if device == "gpu" else f"products {PRODUCT_PATHS['blas']}"
+    label = "products cuBLAS" if device == "gpu" else PRODUCT_PATHS["blas"]
     out = timed(run, xp=xp, backend=xp.__name__, label=label, **info)
     a, b, _ = operands[-1]
     expected = np.asarray(a.get() if hasattr(a, "get") else a) @ np.asarray(

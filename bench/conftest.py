@@ -12,7 +12,7 @@ import pytest
 
 from fastvae import kernels
 from fastvae.bench import BATCH_SIZES, DTYPES, PRECISIONS, QUICK_BATCH
-from fastvae.bench.runner import PRODUCT_PATHS
+from fastvae.bench.report import PRODUCT_PATHS
 
 
 def pytest_addoption(parser):

@@ -26,7 +26,6 @@ DEFAULT_CHART = "fastvae-bench.png"
 BATCH_SIZES = (64, 128, 512)
 DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "bf16")
-PRODUCT_PATHS = ("blas", "onemkl", "onemkl-bf16")  # the products-alone bounds measured
 QUICK_BATCH = 128
 # pytest-benchmark settings: rounds = max(min_rounds, max_time / time of one call)
 QUICK_TIMING = ("--benchmark-min-rounds=10", "--benchmark-max-time=0.5")
