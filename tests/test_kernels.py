@@ -372,6 +372,25 @@ def test_optimiser_updates_follow_their_apply_mask(ops, dtype, apply):
         np.testing.assert_array_equal(to_host(got), to_host(want))
 
 
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_skipped_update_leaves_the_bf16_weight_copy_too(name):
+    """With a bf16 weight copy, apply 0 leaves it as it was (it still matches the weights);
+    apply 1 refreshes it as without a mask."""
+    if name not in kernels.available():
+        pytest.skip(f"no {name} backend here")
+    ops = kernels.load(name)
+    rng = np.random.default_rng(13)
+    param, grad = randn(rng, 999, np.float32), randn(rng, 999, np.float32)
+    for apply in (0.0, 1.0):
+        got, m, v = param.copy(), np.zeros(999, np.float32), np.zeros(999, np.float32)
+        copy16 = np.zeros(999, np.uint16)
+        ops.adam_update(got, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 1, np.asarray(apply),
+                        param16=copy16)
+        want16 = np.zeros(999, np.uint16) if not apply else ref.to_bf16(got, np.empty_like(copy16))
+        np.testing.assert_array_equal(copy16, want16)
+        np.testing.assert_array_equal(got == param, not apply)
+
+
 def test_optimiser_on_a_slice_of_a_flat_buffer(ops, dtype):
     """The optimisers may get one network's share of a flat parameter buffer."""
     rng = np.random.default_rng(11)
