@@ -49,7 +49,7 @@ METRICS = {
     "kid_samples_std": "its standard deviation over subsets",
     "fid_train_images": "Frechet distance, test vs training images (the floor)",
     "kid_train_images": "KID, test vs training images (the floor)",
-    "recognisable_samples": "share of prior samples in one class with p >= 0.9",
+    "recognisable_samples": "share of prior samples with p >= 0.9 in real digits' region",
     "recognisable_real": "the same share for the test images (the ceiling)",
     "sample_class_min": "smallest share of the samples that any digit gets (even: 0.1)",
     "sample_class_max": "largest share of the samples that any digit gets (even: 0.1)",
