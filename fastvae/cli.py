@@ -183,10 +183,12 @@ def cmd_sweep(args):
                 **{**file_sweep, **evaluation})
         try:
             runner.run(settings, args.trials, args.workers, args.threads)
-        finally:
+        except KeyboardInterrupt:
             print(sweep_report.report(runner))
-    else:
-        print(sweep_report.report(runner))
+            print("fastvae sweep: interrupted; the interrupted trials run again, with their "
+                  "settings, when the same command runs again", file=sys.stderr)
+            return 130
+    print(sweep_report.report(runner))
     return 0
 
 

@@ -34,6 +34,7 @@ PER_MACHINE = ("backend", "cuda_graph", "device_noise")  # may differ between th
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS")
 POLL_SECONDS = 1.0
+INTERRUPTED = "interrupted (Ctrl-C)"
 EVALUATION = ("eval_images", "eval_k", "kid_subsets", "classifier_epochs")  # SweepSettings
 
 
@@ -403,10 +404,18 @@ class Sweep:
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,))
         except KeyboardInterrupt:
-            trial = objective.current
-            if trial is not None:        # run it again, with the same settings, next time
-                self.retry(study, study._storage.get_trial(trial._trial_id))
+            trial = objective.latest()
+            if trial is not None and trial.state.name == "FAIL" \
+                    and trial.user_attrs.get("error") == INTERRUPTED:
+                self.retry(study, trial)     # run again, with the same settings, next time
             raise
+        except ValueError as error:      # Optuna's tell, when a trial taken for lost returns
+            trial = objective.latest()
+            if trial is None or trial.state.name != "FAIL" or "Cannot tell" not in str(error):
+                raise
+            print(f"fastvae sweep: trial {trial.number} was taken for lost (its heartbeat "
+                  f"came late) and is retried; this worker's result is dropped",
+                  file=sys.stderr)
 
     def fail_lost_trials(self, study):
         """Fail (and retry) running trials whose worker is gone: by Optuna's heartbeat with a
@@ -416,8 +425,10 @@ class Sweep:
             return
         host = socket.gethostname()
         for trial in study.get_trials(deepcopy=False, states=(self._state("RUNNING"),)):
-            pid = trial.user_attrs.get("pid")
-            if trial.user_attrs.get("host") != host or pid is None or _process_alive(pid):
+            worker = trial.user_attrs.get("worker", {})   # a retry copies its original's
+            pid = worker.get("pid")
+            if worker.get("trial") != trial.number or worker.get("host") != host \
+                    or _process_alive(pid):
                 continue
             try:
                 self.storage.set_trial_user_attr(trial._trial_id, "error",
@@ -499,32 +510,35 @@ class TrialObjective:
 
     def __init__(self, sweep, settings, trials):
         self.sweep, self.settings, self.trials = sweep, settings, trials
-        self.current = None
+        self.trial = None        # the trial of the latest call
         self.evaluation = None   # (classifier, test images, labels), loaded once per worker
+
+    def latest(self):
+        """The latest trial as stored now (another worker may have failed it), or None."""
+        storage = self.sweep.storage
+        return None if self.trial is None else storage.get_trial(self.trial._trial_id)
 
     def __call__(self, trial):
         from fastvae.trainer import Interrupted
-        self.current = trial
+        self.trial = trial
         if self._surplus(trial):
-            self.current = None
             trial.set_user_attr("surplus", True)
             raise self.sweep.optuna.TrialPruned("the sweep already has its trials")
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
+                                       "trial": trial.number})
         started = time.perf_counter()
         try:
             values = self._train_and_measure(trial)
-        except Interrupted:
-            raise KeyboardInterrupt from None   # self.current stays: it is retried next time
+        except (Interrupted, KeyboardInterrupt):
+            trial.set_user_attr("error", INTERRUPTED)
+            raise KeyboardInterrupt from None
         except Exception as error:
-            self.current = None
             trial.set_user_attr("error", f"{type(error).__name__}: {error}")
             if not isinstance(error, FastvaeError):
                 trial.set_user_attr("traceback", traceback.format_exc())
             print(f"fastvae sweep: trial {trial.number} failed: {type(error).__name__}: "
                   f"{error}", file=sys.stderr)
             raise
-        self.current = None
         trial.set_user_attr("seconds", time.perf_counter() - started)
         return values
 

@@ -171,7 +171,7 @@ def test_two_workers_record_each_trial_once_and_rerunning_adds_the_difference(sw
     trials = runner.trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert len({t.user_attrs["pid"] for t in trials}) == 2          # both workers trained
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2   # both workers trained
     for trial in trials:
         run_dir = tmp_path / "trials" / f"{trial.number:04d}"
         assert (run_dir / "checkpoint.npz").is_file() and (run_dir / "samples.png").is_file()
@@ -216,16 +216,22 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(sweep_env, tmp_path):
     study, _ = runner.study(tiny_settings())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lost = study.ask({"gamma": optuna.distributions.FloatDistribution(0.01, 10, log=True),
-                      "latent_dim": optuna.distributions.IntDistribution(2, 8)})
-    lost.set_user_attr("host", socket.gethostname())
-    lost.set_user_attr("pid", dead.pid)
-    runner.work(trials=1)
-    first, retry = runner.trials()
-    assert first.state.name == "FAIL" and f"{dead.pid} died" in first.user_attrs["error"]
+    space = {"gamma": optuna.distributions.FloatDistribution(0.01, 10, log=True),
+             "latent_dim": optuna.distributions.IntDistribution(2, 8)}
+    host = socket.gethostname()
+    lost, claimed = study.ask(space), study.ask(space)
+    lost.set_user_attr("worker", {"host": host, "pid": dead.pid, "trial": 0})
+    # a retry starts with its original's attributes until its worker writes its own
+    claimed.set_user_attr("worker", {"host": host, "pid": dead.pid, "trial": 0})
+    runner.fail_lost_trials(study)
+    assert [t.state.name for t in runner.trials()] == ["FAIL", "RUNNING", "WAITING"]
+    study.tell(claimed, state=optuna.trial.TrialState.FAIL)
+    runner.work(trials=2)
+    first, _, retry = runner.trials()
+    assert f"{dead.pid} died" in first.user_attrs["error"]
     assert retry.state.name == "COMPLETE" and retry.system_attrs["failed_trial"] == 0
     assert retry.params == first.params
-    assert [t.number for t in sweep.counted(runner.trials())] == [1]
+    assert [t.number for t in sweep.counted(runner.trials())] == [2, 1]
 
 
 def test_cli_sweep_and_show_write_the_table_csv_and_front(sweep_env, tmp_path, capsys):
@@ -325,7 +331,7 @@ def test_postgres_two_workers_one_killed_mid_trial_none_lost_none_duplicated(
     victim, deadline = workers[0], time.monotonic() + 60
     while time.monotonic() < deadline:           # kill the first worker in its first trial
         running = [t for t in runner.trials() if t.state.name == "RUNNING"
-                   and t.user_attrs.get("pid") == victim.pid]
+                   and t.user_attrs.get("worker", {}).get("pid") == victim.pid]
         if running:
             break
         time.sleep(0.1)
