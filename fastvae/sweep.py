@@ -521,14 +521,16 @@ class TrialObjective:
     def __call__(self, trial):
         from fastvae.trainer import Interrupted
         self.trial = trial
-        if self._surplus(trial):
-            trial.set_user_attr("surplus", True)
-            raise self.sweep.optuna.TrialPruned("the sweep already has its trials")
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
-                                       "trial": trial.number})
         started = time.perf_counter()
         try:
+            if self._surplus(trial):
+                trial.set_user_attr("surplus", True)
+                raise self.sweep.optuna.TrialPruned("the sweep already has its trials")
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
+                                           "trial": trial.number})
             values = self._train_and_measure(trial)
+        except self.sweep.optuna.TrialPruned:
+            raise
         except (Interrupted, KeyboardInterrupt):
             trial.set_user_attr("error", INTERRUPTED)
             raise KeyboardInterrupt from None

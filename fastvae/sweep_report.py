@@ -55,6 +55,9 @@ def trial_rows(trials, settings):
                **{o.metric: metrics.get(o.metric) for o in settings.objectives},
                "seconds": trial.user_attrs.get("seconds") if metrics else None,
                "train_seconds": trial.user_attrs.get("train_seconds") if metrics else None,
+               "eval_seconds": trial.user_attrs.get("eval_seconds") if metrics else None,
+               "wall_seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+               if metrics and trial.datetime_start else None,
                "error": error if trial.state.name == "FAIL" else "",
                "run_dir": trial.user_attrs.get("run_dir", ""), "counted": trial.number in kept}
         row.update({key: value for key, value in metrics.items() if key not in row})

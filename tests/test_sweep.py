@@ -234,6 +234,41 @@ def test_a_trial_whose_worker_died_is_failed_and_retried(sweep_env, tmp_path):
     assert [t.number for t in sweep.counted(runner.trials())] == [2, 1]
 
 
+def test_ctrl_c_stops_every_worker_and_the_same_command_reruns_the_interrupted(sweep_env,
+                                                                             tmp_path):
+    command = [sys.executable, "-m", "fastvae", "sweep", "--run-dir", str(tmp_path),
+               "--param", "gamma=log:0.01:10", "--trials", "2", "--workers", "2",
+               "--data-dir", str(sweep_env), "--no-download", "--eval-images", "200",
+               "--kid-subsets", "2", "--classifier-epochs", "1", "--latent-dim", "4",
+               "--encoder-widths", "16", "--decoder-widths", "16", "--discriminator-widths",
+               "16", "--epochs", "1", "--batch-size", "32", "--train-limit", "8000",
+               "--test-limit", "128", "--backend", "numpy"]
+    sweep_run = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    runner, deadline = None, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (tmp_path / sweep.JOURNAL).exists():
+            runner = runner or sweep.Sweep(tmp_path)
+            if sweep.progress(runner.storage.get_all_trials(0))["running"] == 2:
+                break
+        time.sleep(0.2)
+    time.sleep(0.2)
+    os.killpg(sweep_run.pid, signal.SIGINT)        # what Ctrl-C in a terminal does
+    out, err = sweep_run.communicate(timeout=60)
+    assert sweep_run.returncode == 130, err
+    assert "interrupted; the interrupted trials run again" in err
+    states = {t.number: t for t in runner.trials()}
+    assert [t.state.name for t in states.values()] == ["FAIL", "FAIL", "WAITING", "WAITING"], \
+        [(t.state.name, t.user_attrs) for t in states.values()]
+    assert {states[n].params["gamma"] for n in (0, 1)} == \
+        {states[n].params["gamma"] for n in (2, 3)}
+    assert all(states[n].user_attrs["error"] == sweep.INTERRUPTED for n in (0, 1))
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    kept = sweep.counted(runner.trials())
+    assert [t.state.name for t in kept] == ["COMPLETE"] * 2
+    assert sorted(t.system_attrs["failed_trial"] for t in kept) == [0, 1]
+
+
 def test_cli_sweep_and_show_write_the_table_csv_and_front(sweep_env, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from fastvae import cli
