@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sweep's overhead and its 2-worker speed-up, with docs/sweep.toml's trials:
-#   1. N trials by `fastvae sweep` with 1 worker (pinned to 1 thread), 2 workers pinned,
-#      2 workers unpinned: wall time and trials per hour of each;
+#   1. N trials by `fastvae sweep` with 1 and with 2 workers, each pinned to 1 thread and
+#      unpinned: wall time and trials per hour of each;
 #   2. the same N trials (their settings from the 1-worker sweep) by `fastvae train` then
 #      `fastvae evaluate` with the sweep's evaluation settings, one after the other.
 # usage: bash bench/sweep_speed.sh [OUT_DIR (default /tmp/sweep-speed)] [N (default 4)]
@@ -25,7 +25,7 @@ line() {  # label, seconds
                       f'load average $(cut -d' ' -f1-3 /proc/loadavg)')"
 }
 
-for setup in "1 1" "2 1" "2 0"; do
+for setup in "1 1" "1 0" "2 1" "2 0"; do
     read -r workers threads <<<"$setup"
     wall=$(seconds fastvae sweep --config docs/sweep.toml --run-dir "$out/w$workers-t$threads" \
                    --trials "$trials" --workers "$workers" --threads "$threads")
@@ -48,7 +48,7 @@ for row in csv.DictReader(open(sys.argv[1])):
         print(row["trial"] + "," + " ".join(f"--{k.replace('_', '-')} {row[k]}" for k in swept))
 EOF
 )
-line "fastvae train + fastvae evaluate, one by one, 1 thread" "$total"
+line "fastvae train + fastvae evaluate, one by one, 1 thread" "$(printf %.1f "$total")"
 python3 - "$out/w1-t1/trials.csv" <<'EOF'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["state"] == "done"]

@@ -1,7 +1,7 @@
 """The `fastvae` command: a thin layer of flags over library calls.
 
-train, reconstruct, sample, evaluate, bench, gradcheck; `fastvae COMMAND --help` for each.
-A user's mistake ends in one line on stderr and exit status 2, never a traceback
+train, reconstruct, sample, evaluate, sweep, bench, gradcheck; `fastvae COMMAND --help` for
+each. A user's mistake ends in one line on stderr and exit status 2, never a traceback
 (set FASTVAE_DEBUG=1 to see one).
 """
 import argparse
@@ -273,8 +273,9 @@ def make_parser():
     sweep.add_argument("--trials", type=int,
                        help="the study holds this many finished or failed trials on return")
     sweep.add_argument("--workers", type=int, default=1, help="processes on this machine")
-    sweep.add_argument("--threads", type=int, default=0,
-                       help="pin each worker to N Numba/BLAS threads (default 0: unpinned)")
+    sweep.add_argument("--threads", type=int,
+                       help="pin each worker to N Numba/BLAS threads; 0: unpinned (default: "
+                            "the cores shared out among 2 or more workers, else unpinned)")
     sweep.add_argument("--storage", help="an Optuna RDB URL, e.g. postgresql://user:pw@host/db "
                                          "(default: a journal file in --run-dir)")
     sweep.add_argument("--study", default="fastvae", help="the study's name (default fastvae)")

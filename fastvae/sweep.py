@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -329,11 +330,14 @@ class Sweep:
 
     # ----- running -----
 
-    def run(self, settings, trials, workers=1, threads=0, report=print):
+    def run(self, settings, trials, workers=1, threads=None, report=print):
         """Run trials in `workers` processes until the study holds `trials` finished or
-        failed ones. `threads` > 0 pins each worker's Numba and BLAS threads. Returns the
-        progress counts; Ctrl-C stops every worker at its next step (the interrupted trials
-        are retried next time) and raises KeyboardInterrupt."""
+        failed ones. `threads` > 0 pins each worker's Numba and BLAS threads (None: the cores
+        shared out when workers > 1, else unpinned; 0: unpinned). Returns the progress
+        counts; Ctrl-C stops every worker at its next step (the interrupted trials are
+        retried next time) and raises KeyboardInterrupt."""
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
         if trials < 0 or workers < 1 or threads < 0:
             raise ConfigError("trials must be >= 0, workers >= 1 and threads >= 0")
         study, settings = self.study(settings)
@@ -402,7 +406,8 @@ class Sweep:
 
     def _run_one(self, study, objective):
         try:
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            with objective.gate.held():
+                study.optimize(objective, n_trials=1, catch=(Exception,))
         except KeyboardInterrupt:
             trial = objective.latest()
             if trial is not None and trial.state.name == "FAIL" \
@@ -504,6 +509,42 @@ def ensure_classifier(settings, data_dir=None, download=True, backend=None):
         backend=backend or settings.config.backend or None, download=download, progress=True)
 
 
+class InterruptGate:
+    """Ctrl-C held back while Optuna books a trial (a trial it asked for but never ran would
+    stay running for ever), let through while the trial trains; a held one raises on leaving."""
+
+    def __init__(self):
+        self.pending = False
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    @contextlib.contextmanager
+    def _handler(self, handler):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def held(self):
+        with self._handler(self._hold):
+            yield
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def open(self):
+        if self.pending:
+            raise KeyboardInterrupt
+        with self._handler(signal.default_int_handler):
+            yield
+
+
 class TrialObjective:
     """Optuna's objective: one trial is one training run in `<sweep>/trials/NNNN`, then the
     evaluation; every measure and any error message are kept as the trial's user attributes."""
@@ -511,6 +552,7 @@ class TrialObjective:
     def __init__(self, sweep, settings, trials):
         self.sweep, self.settings, self.trials = sweep, settings, trials
         self.trial = None        # the trial of the latest call
+        self.gate = InterruptGate()
         self.evaluation = None   # (classifier, test images, labels), loaded once per worker
 
     def latest(self):
@@ -527,8 +569,10 @@ class TrialObjective:
                 trial.set_user_attr("surplus", True)
                 raise self.sweep.optuna.TrialPruned("the sweep already has its trials")
             trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(),
-                                           "trial": trial.number})
-            values = self._train_and_measure(trial)
+                                           "trial": trial.number,
+                                           "threads": os.environ.get("NUMBA_NUM_THREADS")})
+            with self.gate.open():
+                values = self._train_and_measure(trial)
         except self.sweep.optuna.TrialPruned:
             raise
         except (Interrupted, KeyboardInterrupt):

@@ -150,12 +150,12 @@ def quick_classifier(mnist_dir, tmp_path_factory):
 
 @pytest.fixture
 def sweep_env(quick_classifier, mnist_dir, monkeypatch):
-    """The environment every worker inherits: the cache, the data, one thread each."""
+    """The environment every worker inherits: the cache, the data, no thread pinning."""
     pytest.importorskip("optuna")
     monkeypatch.setenv("FASTVAE_CACHE", str(quick_classifier))
     monkeypatch.setenv("FASTVAE_DATA", str(mnist_dir))
     for name in sweep.THREAD_VARIABLES:
-        monkeypatch.setenv(name, "1")
+        monkeypatch.delenv(name, raising=False)
     return mnist_dir
 
 
@@ -172,6 +172,9 @@ def test_two_workers_record_each_trial_once_and_rerunning_adds_the_difference(sw
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2   # both workers trained
+    shared_out = str(max(1, os.cpu_count() // 2))       # each worker pinned to its cores
+    assert {t.user_attrs["worker"]["threads"] for t in trials} == {shared_out}
+    assert "NUMBA_NUM_THREADS" not in os.environ        # only the workers were pinned
     for trial in trials:
         run_dir = tmp_path / "trials" / f"{trial.number:04d}"
         assert (run_dir / "checkpoint.npz").is_file() and (run_dir / "samples.png").is_file()
@@ -361,11 +364,12 @@ def test_postgres_two_workers_one_killed_mid_trial_none_lost_none_duplicated(
     context = multiprocessing.get_context("spawn")
     arguments = (str(tmp_path), postgres_url, "killed", 1, 3, str(sweep_env), False, {}, trials)
     workers = [context.Process(target=sweep._worker_main, args=arguments) for _ in range(2)]
-    for worker in workers:
-        worker.start()
+    with sweep._thread_environment(1):
+        for worker in workers:
+            worker.start()
     victim, deadline = workers[0], time.monotonic() + 60
     while time.monotonic() < deadline:           # kill the first worker in its first trial
-        running = [t for t in runner.trials() if t.state.name == "RUNNING"
+        running = [t for t in runner.trials() if t.state.name == "RUNNING" and t.params
                    and t.user_attrs.get("worker", {}).get("pid") == victim.pid]
         if running:
             break
