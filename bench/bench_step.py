@@ -4,7 +4,7 @@ Groups are `step:b{batch}:{dtype}`, so numpy, numba, cupy, the matrix-product bo
 PyTorch print side by side; extra_info carries kind, backend, device, batch, dtype and the
 step's matrix-product FLOPs, which is what `fastvae bench` pairs them by.
 
-- test_step: `VAEGAN.train_step` (forward, all three gradients, three Adam updates);
+- test_step: `TrainState.step` (forward, all three gradients, three Adam updates);
 - test_graph_step: the same step recorded once as a CUDA graph and replayed (cupy; GPU only);
 - test_products: only the step's matrix products (`fastvae.bench.step_products`, derived
   from the same Config), through the same BLAS into preallocated outputs: a lower bound (on
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from fastvae.bench import step_flops, step_products
-from fastvae.captured import CapturedStep
 from fastvae.config import Config
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState
 
 PEAK_SIZE = {"cpu": 1024, "gpu": 4096}
 
@@ -44,9 +44,10 @@ def device_xp(device):
 def test_step(timed, backend, batch, dtype):
     config = step_config(batch, dtype)
     model = VAEGAN(config, backend)
+    state = TrainState(model)
     images = np.random.default_rng(0).random((batch, config.image_size))
     x = model.backend.asarray(images)
-    losses = timed(lambda: model.train_step(x), group=step_group(batch, dtype),
+    losses = timed(lambda: state.step(x), group=step_group(batch, dtype),
                    xp=model.backend.xp, kind="step", backend=backend,
                    device="gpu" if backend == "cupy" else "cpu", batch=batch, dtype=dtype,
                    flops=step_flops(config, batch), warmup=2)
@@ -59,9 +60,9 @@ def test_graph_step(timed, device, batch, dtype):
         pytest.skip("a CUDA graph step needs the cupy backend")
     config = step_config(batch, dtype)
     model = VAEGAN(config, "cupy")
-    captured = CapturedStep(model, batch)
+    state = TrainState(model).capture_graph(batch)
     x = model.backend.asarray(np.random.default_rng(0).random((batch, config.image_size)))
-    losses = timed(lambda: captured.train_step(x), group=step_group(batch, dtype),
+    losses = timed(lambda: state.step(x), group=step_group(batch, dtype),
                    xp=model.backend.xp, kind="step", backend="cupy graph", device="gpu",
                    batch=batch, dtype=dtype, flops=step_flops(config, batch), warmup=2)
     assert all(math.isfinite(float(value)) for value in losses.values())
@@ -181,7 +182,7 @@ class TorchLinear:
 
 
 class TorchStep:
-    """`VAEGAN.compute_gradients` + `apply_gradients` (vaegan mode, pixel reconstruction) in
+    """`VAEGAN.compute_gradients` + `TrainState`'s updates (vaegan mode, pixel reconstruction) in
     PyTorch eager ops, with the model's stacked batches, passes and flat Adam updates.
 
     Built from a fastvae model so that it starts from the same weights (for checking)."""
@@ -196,8 +197,6 @@ class TorchStep:
         self.dtype = getattr(torch, model.backend.dtype.name)
         self.device = device
         self.params, self.grads, self.optimizers, networks = {}, {}, {}, {}
-        for network in (model.encoder.body, model.decoder, model.discriminator):
-            network.stages()  # fuses each activation into its Linear, as the first forward does
         linears = {"encoder": model.encoder.linears(), "decoder": model.decoder.linears(),
                    "discriminator": model.discriminator.linears()}
         for name, layers in linears.items():

@@ -2,7 +2,8 @@
 
 A `Backend` is passed to every layer at construction; `set_backend` / `use_backend` choose the
 default for code that does not pass one. The environment variable FASTVAE_BACKEND picks the
-default at start-up ("numpy" otherwise).
+default at start-up ("numpy" otherwise). This is the one place the rest of fastvae reaches the
+kernel table (`fastvae.kernels`) from, its activation table included.
 """
 import contextlib
 import os
@@ -10,8 +11,26 @@ import os
 import numpy as np
 
 from fastvae import kernels
+from fastvae.errors import BackendUnavailable, ConfigError, UnknownBackend
 
 DTYPES = ("float32", "float64")
+ACTIVATIONS = kernels.ACTIVATIONS   # names of the activations every backend computes
+LEAKY_SLOPE = kernels.LEAKY_SLOPE
+
+
+def load_kernels(name):
+    """The kernel module of backend `name`; UnknownBackend or BackendUnavailable if none."""
+    try:
+        return kernels.load(name)
+    except kernels.UnknownBackend as error:
+        raise UnknownBackend(str(error)) from error
+    except kernels.BackendUnavailable as error:
+        raise BackendUnavailable(str(error)) from error
+
+
+def to_numpy(array):
+    """A NumPy copy of a host or device array (for saving, plotting and tests)."""
+    return array.get() if hasattr(array, "get") else np.array(array)
 
 
 class Backend:
@@ -19,9 +38,10 @@ class Backend:
 
     def __init__(self, name="numpy", dtype="float32", seed=None, device_noise=True):
         if str(dtype) not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}",
+                              "dtype")
         self.name = name
-        self.ops = kernels.load(name)
+        self.ops = load_kernels(name)
         self.xp = self.ops.xp
         self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
@@ -42,9 +62,10 @@ class Backend:
         """A host or device array as this backend's array of its dtype (no copy if it is one)."""
         return self.xp.asarray(array, dtype=self.dtype)
 
-    def to_numpy(self, array):
+    @staticmethod
+    def to_numpy(array):
         """A NumPy copy of a backend array (for saving, plotting and tests)."""
-        return array.get() if hasattr(array, "get") else np.array(array)
+        return to_numpy(array)
 
     def standard_normal(self, out):
         """Fill `out` with N(0, 1) noise: on the device where the backend can (no host copy in a
@@ -76,17 +97,18 @@ def set_backend(name="numpy", dtype="float32", seed=None):
 def get_backend():
     """The default backend, made from FASTVAE_BACKEND on first use."""
     if _current is None:
-        set_backend(os.environ.get("FASTVAE_BACKEND", "numpy"))
+        set_backend(os.environ.get("FASTVAE_BACKEND") or "numpy")  # set but empty: unset
     return _current
 
 
-def resolve(backend):
-    """A Backend from None (the default), a name, or a Backend."""
-    if backend is None:
+def resolve(backend=None, **settings):
+    """A Backend from a Backend (used as it is), a name, or None: the default backend itself,
+    or with `settings` (dtype, seed, device_noise) a new Backend of the default's kind."""
+    if isinstance(backend, Backend):
+        return backend
+    if not backend and not settings:
         return get_backend()
-    if isinstance(backend, str):
-        return Backend(backend)
-    return backend
+    return Backend(backend or get_backend().name, **settings)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastvae.errors import FastvaeError
 from fastvae.files import write_atomic
 
 DEFAULT_JSON = "fastvae-bench.json"
@@ -80,7 +81,7 @@ def _backward(network, layers, rows, *, param_grads, input_grad, start=None):
 
 
 def step_products(config, batch):
-    """Every matrix product one `VAEGAN.train_step` on `batch` rows computes, in order.
+    """Every matrix product one `TrainState.step` on `batch` rows computes, in order.
 
     Mirrors `compute_gradients` / `_adversarial_gradients`: the discriminator runs once on
     (3B, pixels) [real; reconstructions; prior samples], the decoder once on (2B, latent);
@@ -199,7 +200,7 @@ def summarise(records):
         mine = sorted((r for r in steps if r["batch"] == batch and r["dtype"] == dtype),
                       key=_row_order)
 
-        def find(kind, device, backend=None):
+        def find(kind, device, backend=None, mine=mine):
             for r in mine:
                 if r["kind"] == kind and r["device"] == device and backend in (None, r["backend"]):
                     return r["median"]
@@ -460,7 +461,12 @@ def run(quick=False, backends=None, batch_sizes=None, dtype="float32", json_path
     defaults to 64, 128 and 512 (128 with `quick`); `dtype` is float32, float64 or all.
     Returns a dict: records, tables, op_tables, comparison, json_path, chart_path, exit_code.
     """
-    import pytest
+    try:
+        import pytest
+        import pytest_benchmark  # noqa: F401  (the plugin the suite's timings come from)
+    except ImportError as error:
+        raise FastvaeError(f"fastvae bench needs pytest and pytest-benchmark ({error}): "
+                           f"pip install 'fastvae[dev]'") from error
 
     stream = stream or sys.stdout
     saved = load_records(compare) if compare else None  # read first: the run may overwrite it

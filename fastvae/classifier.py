@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fastvae.backend import Backend, get_backend
-from fastvae.checkpoint import read_archive, write_archive
+from fastvae import archive
+from fastvae.backend import resolve
 from fastvae.data import to_unit_float
-from fastvae.layers import pack_parameters
+from fastvae.errors import CheckpointError
+from fastvae.layers import Buffers, pack_parameters
 from fastvae.model import mlp
 from fastvae.optim import Adam
+from fastvae.state import TrainState
 
 FORMAT = "fastvae-classifier"
 VERSION = 1
@@ -90,16 +92,25 @@ class Classifier:
 
     def __init__(self, settings=None, backend=None, image_size=784, rng=None):
         self.settings = settings or ClassifierSettings()
-        if isinstance(backend, Backend):
-            self.backend = backend
-        else:  # a name, or None for the default backend's kernels (FASTVAE_BACKEND)
-            self.backend = Backend(backend or get_backend().name, self.settings.dtype)
+        self.backend = resolve(backend, dtype=self.settings.dtype)
         self.image_size = image_size
         rng = rng if rng is not None else np.random.default_rng(self.settings.seed)
         sizes = (image_size,) + tuple(self.settings.widths) + (NUM_CLASSES,)
         self.network = mlp(sizes, "relu", "he", rng, self.backend)
-        self.params, self.grads = pack_parameters(self.network.linears(), self.backend)
+        self.feature_tap = f"hidden{len(self.settings.widths) - 1}"   # the last hidden layer
+        params, grads = pack_parameters(self.network.linears(), self.backend)
+        self.params, self.grads = {"network": params}, {"network": grads}
         self.info = {}   # training facts: seconds, test accuracy, backend
+        self._buffers = Buffers(self.backend)
+
+    def compute_gradients(self, x, labels):
+        """Softmax cross-entropy of batch `x` (backend array) against integer `labels` (an
+        `xp` array), leaving its gradient in `grads`; returns {"loss": 0-d array}."""
+        logits = self.network.forward(x)
+        grad = self._buffers.get("grad_logits", logits.shape)
+        loss, _ = softmax_cross_entropy(logits, labels, self.backend.xp, grad_out=grad)
+        self.network.backward(grad, input_grad=False)
+        return {"loss": loss}
 
     def __repr__(self):
         return f"Classifier({self.network!r})"
@@ -109,13 +120,13 @@ class Classifier:
         images = as_float_images(images, self.image_size)
         for start in range(0, len(images), batch_size):
             batch = self.backend.asarray(images[start:start + batch_size])
-            logits = self.network.forward(batch)
-            features = self.network.stage_outputs[-2]
+            logits, taps = self.network.forward(batch, keep=(self.feature_tap,))
+            features = taps[self.feature_tap]
             yield self.backend.to_numpy(logits), self.backend.to_numpy(features)
 
     def logits(self, images):
         """Unnormalised class scores, (N, 10)."""
-        return np.concatenate([l for l, _ in self._forward(images)] or
+        return np.concatenate([logits for logits, _ in self._forward(images)] or
                               [np.empty((0, NUM_CLASSES))])
 
     def predict(self, images):
@@ -138,22 +149,23 @@ class Classifier:
         """Write the weights and settings to `path` atomically (one .npz)."""
         header = {"format": FORMAT, "version": VERSION, "settings": asdict(self.settings),
                   "image_size": self.image_size, "info": self.info}
-        write_archive(path, header, {"params": self.backend.to_numpy(self.params)})
+        archive.write(path, header, {"params": self.backend.to_numpy(self.params["network"])})
 
     @classmethod
     def load(cls, path, backend=None):
-        """A classifier restored from `path`; ValueError if the file is not a good one."""
-        header, arrays = read_archive(path, kind="classifier")
+        """A classifier restored from `path`; CheckpointError if the file is not a good one."""
+        header, arrays = archive.read(path, kind="classifier")
         if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise ValueError(f"{path} is not a version-{VERSION} fastvae classifier")
+            raise CheckpointError(f"{path} is not a version-{VERSION} fastvae classifier")
         params = arrays.get("params", np.empty(0))
         settings = header["settings"]
         settings = ClassifierSettings(**{**settings, "widths": tuple(settings["widths"])})
         classifier = cls(settings, backend, header["image_size"])
-        if params.shape != classifier.params.shape:
-            raise ValueError(f"{path} holds {params.size} parameters, expected "
-                             f"{classifier.params.size}")
-        classifier.params[...] = classifier.backend.asarray(params)
+        flat = classifier.params["network"]
+        if params.shape != flat.shape:
+            raise CheckpointError(f"{path} holds {params.size} parameters, expected "
+                                  f"{flat.size}")
+        flat[...] = classifier.backend.asarray(params)
         classifier.info = header.get("info", {})
         return classifier
 
@@ -180,23 +192,20 @@ def train_classifier(images, labels, epochs=10, seed=0, backend=None, *, batch_s
     if len(images) < batch_size:
         raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} images")
     x_all, y_all = be.asarray(images), xp.asarray(labels)
-    optimizer = Adam(model.params, model.grads, lr=lr, betas=(0.9, 0.999), backend=be)
+    optimizer = Adam(model.params["network"], model.grads["network"], lr=lr,
+                     betas=(0.9, 0.999), backend=be)
+    state = TrainState(model, {"network": optimizer}, clip_grad_norm=0.0)
     order_rng = np.random.default_rng(order_seed)
     steps_per_epoch = len(images) // batch_size
     total_steps, step = epochs * steps_per_epoch, 0
-    grad_logits = be.empty((batch_size, NUM_CLASSES))
     started = time.perf_counter()
     for epoch in range(epochs):
         order = xp.asarray(order_rng.permutation(len(images)))
         loss_sum = 0.0  # summed where the loss lives: one host read per epoch
         for start in range(0, steps_per_epoch * batch_size, batch_size):
             index = order[start:start + batch_size]
-            logits = model.network.forward(x_all[index])
-            loss, _ = softmax_cross_entropy(logits, y_all[index], xp, grad_out=grad_logits)
-            model.network.backward(grad_logits, input_grad=False)
             optimizer.lr = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            optimizer.step()
-            loss_sum = loss_sum + loss
+            loss_sum = loss_sum + state.step(x_all[index], y_all[index])["loss"]
             step += 1
         if progress:
             mean_loss = float(loss_sum) / steps_per_epoch
@@ -240,8 +249,9 @@ def load_or_train_classifier(data_dir=None, dataset="mnist", epochs=10, seed=0, 
     if path.is_file():
         try:
             return Classifier.load(path, backend)
-        except ValueError as error:
-            warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining")
+        except CheckpointError as error:
+            warnings.warn(f"ignoring the classifier cache {path}: {error}; retraining",
+                          stacklevel=2)
     train_x, train_y = data.load_split(dataset, "train", data_dir, download)
     if progress:
         print(f"training the {dataset} digit classifier ({epochs} epochs, once: it is cached "
@@ -255,5 +265,5 @@ def load_or_train_classifier(data_dir=None, dataset="mnist", epochs=10, seed=0, 
         model.info["cache"] = str(path)
     except OSError as error:
         warnings.warn(f"could not cache the classifier ({error}); it will be trained again "
-                      "next time")
+                      "next time", stacklevel=2)
     return model

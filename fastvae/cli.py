@@ -1,29 +1,30 @@
 """The `fastvae` command: a thin layer of flags over library calls.
 
-train, reconstruct, sample, evaluate, sweep, bench, gradcheck; `fastvae COMMAND --help` for
-each. A user's mistake ends in one line on stderr and exit status 2, never a traceback
-(set FASTVAE_DEBUG=1 to see one).
+train, reconstruct, sample, evaluate, sweep, bench, gradcheck; `fastvae COMMAND --help` for each.
+A user's mistake (a fastvae.errors.FastvaeError) ends in one line on stderr and exit status 2;
+anything else is a bug and shows its traceback (set FASTVAE_DEBUG=1 to see one for a user
+error too).
 """
 import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
-import tomllib
+import warnings
 from pathlib import Path
 
-import numpy as np
-
-from fastvae import kernels
-from fastvae.checkpoint import CheckpointError
+from fastvae import backend
 from fastvae.config import Config, field_comments
-from fastvae.data import DataError
 from fastvae.errors import ConfigError, FastvaeError
-from fastvae.images import ImageError
-from fastvae.trainer import Interrupted, TrainingError
+from fastvae.trainer import Interrupted
 
-USER_ERRORS = (ValueError, KeyError, DataError, CheckpointError, TrainingError, ImageError,
-               kernels.BackendUnavailable, OSError, tomllib.TOMLDecodeError, FastvaeError)
+MAX_SAMPLES = 1024  # the most `fastvae sample` draws into one picture (a 32 x 32 grid)
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 
 def _add_config_flags(parser):
@@ -50,11 +51,28 @@ def build_config(args, base=None):
     """Config from `base` (or the defaults), then the TOML file, then the flags given."""
     values = (base or Config()).to_dict()
     if getattr(args, "config", None):
-        with open(args.config, "rb") as file:
-            values.update(tomllib.load(file))
+        values.update(read_toml(args.config))
     names = {field.name for field in dataclasses.fields(Config)}
     values.update({name: value for name, value in vars(args).items() if name in names})
     return Config.from_dict(values)
+
+
+def read_toml(path):
+    """The settings in TOML file `path`; ConfigError if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"cannot read the settings file {path}: {error.strerror or error}",
+                          "config") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}", "config") from error
+
+
+def as_flags(message):
+    """A library message with its setting names (`batch_size`) written as flags (--batch-size)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda match: "--" + match[1].replace("_", "-"),
+                  message)
 
 
 def cmd_train(args):
@@ -72,12 +90,12 @@ def cmd_train(args):
 
 
 def _load_model(args):
-    from fastvae.model import VAEGAN
-    return VAEGAN.load(args.checkpoint, args.backend)
+    from fastvae.state import load_model
+    return load_model(args.checkpoint, args.backend)
 
 
 def cmd_reconstruct(args):
-    from fastvae import data, evaluate, images, viz
+    from fastvae import data, images, metrics, viz
     model = _load_model(args)
     if args.images:
         originals, names = images.load_digits(args.images), [str(p) for p in args.images]
@@ -87,12 +105,11 @@ def cmd_reconstruct(args):
         indices = args.indices or list(range(16))
         bad = [i for i in indices if not 0 <= i < len(test)]
         if bad:
-            raise ValueError(f"test-set indices must lie in 0..{len(test) - 1}, got {bad}")
+            raise ConfigError(f"test-set indices must lie in 0..{len(test) - 1}, got {bad}")
         originals = data.to_unit_float(test[indices], dtype="float64")
         names = [f"test[{i}]" for i in indices]
     recon = model.reconstruct(originals)
-    bce = evaluate.bernoulli_nll(originals, recon)
-    mse = np.mean((recon - originals) ** 2, axis=1)
+    bce, mse = metrics.reconstruction_errors(model, originals)
     print(f"{'image':<24} {'BCE (nats)':>10} {'MSE':>8}")
     for name, b, m in zip(names, bce, mse):
         print(f"{name:<24} {b:>10.2f} {m:>8.4f}")
@@ -104,8 +121,11 @@ def cmd_reconstruct(args):
 
 def cmd_sample(args):
     from fastvae import viz
-    if args.n < 1:
-        raise ValueError("-n must be at least 1")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"-n must lie in 1..{MAX_SAMPLES}, got {args.n}: one picture holds "
+                          f"at most {MAX_SAMPLES} samples (run again with another --seed for "
+                          f"more)")
+    _check_seed(args.seed)
     model = _load_model(args)
     viz.save_grid(args.output, model.sample(args.n, seed=args.seed), title="decoded prior samples")
     print(f"wrote {args.output}")
@@ -116,14 +136,15 @@ def cmd_evaluate(args):
     from fastvae import classifier, data, evaluate
     from fastvae.files import write_atomic
     if min(args.k, args.kid_subsets, args.classifier_epochs) < 1:
-        raise ValueError("--k, --kid-subsets and --classifier-epochs must be at least 1")
+        raise ConfigError("--k, --kid-subsets and --classifier-epochs must be at least 1")
     if min(args.samples, args.limit) < 0:
-        raise ValueError("--samples and --limit must not be negative")
+        raise ConfigError("--samples and --limit must not be negative")
+    _check_seed(args.seed)
     model = _load_model(args)
     dataset, download = model.config.dataset, not args.no_download
     test, labels = data.load_split(dataset, "test", args.data_dir, download, args.limit or None)
     if len(test) < 2 or args.samples == 1:
-        raise ValueError("the distances need at least 2 test images and 2 samples")
+        raise ConfigError("the distances need at least 2 test images and 2 samples")
     train, _ = data.load_split(dataset, "train", args.data_dir, download, len(test))
     digits = classifier.load_or_train_classifier(
         args.data_dir, dataset, epochs=args.classifier_epochs, backend=model.backend.name,
@@ -145,10 +166,16 @@ def cmd_evaluate(args):
     return 0
 
 
+def _check_seed(seed):
+    if seed < 0:
+        raise ConfigError(f"--seed must be non-negative, got {seed}")
+
+
 def cmd_gradcheck(args):
     from fastvae import gradcheck
     checks = gradcheck.layer_checks(args.seed) + gradcheck.all_model_checks(args.seed)
-    compared = args.backend or [name for name in kernels.available() if name != "numpy"]
+    compared = args.backend or [name for name in backend.available_backends()
+                                if name != "numpy"]
     for name in compared:
         for dtype in ("float32", "float64"):
             checks += gradcheck.compare_kernels(name, dtype, args.seed)
@@ -312,18 +339,26 @@ def make_parser():
 
 
 def main(argv=None):
+    """Run one command; Python warnings (NumPy's overflow notes, PIL's) are hidden so that a
+    mistake reads as one line (FASTVAE_DEBUG=1 shows them, and tracebacks)."""
     args = make_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        if not os.environ.get("FASTVAE_DEBUG"):
+            warnings.simplefilter("ignore")
+        return _run(args)
+
+
+def _run(args):
     try:
         return args.func(args)
-    except USER_ERRORS as error:
+    except Interrupted as stop:
+        print(f"fastvae {args.command}: {as_flags(str(stop))}", file=sys.stderr)
+        return 128 + stop.signum
+    except FastvaeError as error:
         if os.environ.get("FASTVAE_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"fastvae {args.command}: error: {message}", file=sys.stderr)
+        print(f"fastvae {args.command}: error: {as_flags(str(error))}", file=sys.stderr)
         return 2
-    except Interrupted as stop:
-        print(f"fastvae {args.command}: {stop}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint written is intact",
               file=sys.stderr)

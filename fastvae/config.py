@@ -5,14 +5,18 @@ A copy is saved with every checkpoint; the CLI builds a flag for each field.
 import dataclasses
 import inspect
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
-from fastvae.kernels import ACTIVATIONS
+from fastvae.backend import ACTIVATIONS
+from fastvae.errors import ConfigError
 
 RECONSTRUCTIONS = ("pixel", "feature")
 MODES = ("vaegan", "vae")
 OPTIMIZERS = ("adam", "sgd")
+LENGTHS = {"betas_encoder": 2, "betas_decoder": 2, "betas_discriminator": 2}  # exact lengths
 
 
 @dataclass
@@ -58,46 +62,74 @@ class Config:
     extras: dict = field(default_factory=dict)  # free-form notes saved with the run
 
     def __post_init__(self):
-        for name in ("encoder_widths", "decoder_widths", "discriminator_widths",
-                     "betas_encoder", "betas_decoder", "betas_discriminator"):
-            setattr(self, name, tuple(getattr(self, name)))
+        for setting in dataclasses.fields(self):
+            setattr(self, setting.name, _typed(setting, getattr(self, setting.name)))
         self.validate()
 
     def validate(self):
-        """Raise ValueError naming the first setting that cannot work."""
+        """Raise ConfigError naming the first setting that cannot work (its `field` too)."""
+        widths = self.encoder_widths + self.decoder_widths + self.discriminator_widths
+        bad_width = next((name for name in ("encoder_widths", "decoder_widths",
+                                            "discriminator_widths")
+                          if any(w < 1 for w in getattr(self, name))), None)
+        bad_lr = next((name for name in ("lr_encoder", "lr_decoder", "lr_discriminator")
+                       if not getattr(self, name) > 0), None)
+        bad_betas = next((name for name in ("betas_encoder", "betas_decoder",
+                                            "betas_discriminator")
+                          if not all(0 <= b < 1 for b in getattr(self, name))), None)
         checks = [
-            (self.image_size >= 1, "image_size must be at least 1"),
-            (self.latent_dim >= 1, "latent_dim must be at least 1"),
-            (all(w >= 1 for w in self.encoder_widths + self.decoder_widths
-                 + self.discriminator_widths), "layer widths must be at least 1"),
-            (len(self.encoder_widths) >= 1, "the encoder needs at least one hidden layer"),
-            (len(self.discriminator_widths) >= 1, "the discriminator needs a hidden layer"),
-            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
-            (self.discriminator_activation in ACTIVATIONS,
-             f"unknown activation {self.discriminator_activation!r}"),
-            (self.init in ("he", "glorot"), f"unknown init {self.init!r}: use he or glorot"),
-            (self.mode in MODES, f"unknown mode {self.mode!r}: use vaegan or vae"),
-            (self.reconstruction in RECONSTRUCTIONS,
+            (self.image_size >= 1, "image_size", "`image_size` must be at least 1"),
+            (self.latent_dim >= 1, "latent_dim", "`latent_dim` must be at least 1"),
+            (all(w >= 1 for w in widths), bad_width, "layer widths must be at least 1"),
+            (len(self.encoder_widths) >= 1, "encoder_widths",
+             "the encoder needs at least one hidden layer"),
+            (len(self.discriminator_widths) >= 1, "discriminator_widths",
+             "the discriminator needs a hidden layer"),
+            (self.activation in ACTIVATIONS, "activation",
+             f"unknown activation {self.activation!r}: use {', '.join(ACTIVATIONS)}"),
+            (self.discriminator_activation in ACTIVATIONS, "discriminator_activation",
+             f"unknown activation {self.discriminator_activation!r}: use "
+             f"{', '.join(ACTIVATIONS)}"),
+            (self.init in ("he", "glorot"), "init", f"unknown init {self.init!r}: use he or glorot"),
+            (self.mode in MODES, "mode", f"unknown mode {self.mode!r}: use vaegan or vae"),
+            (self.reconstruction in RECONSTRUCTIONS, "reconstruction",
              f"unknown reconstruction {self.reconstruction!r}: use pixel or feature"),
-            (self.mode == "vaegan" or self.reconstruction == "pixel",
-             "feature reconstruction needs the discriminator: use mode vaegan"),
+            (self.mode == "vaegan" or self.reconstruction == "pixel", "reconstruction",
+             "feature reconstruction needs the discriminator: use `mode` vaegan"),
             (-len(self.discriminator_widths) <= self.feature_layer < len(self.discriminator_widths),
-             f"feature_layer {self.feature_layer} is not a discriminator hidden layer"),
-            (self.gamma >= 0, "gamma must be non-negative"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
-            (min(self.lr_encoder, self.lr_decoder, self.lr_discriminator) > 0,
-             "learning rates must be positive"),
-            (all(0 <= b < 1 for b in self.betas_encoder + self.betas_decoder
-                 + self.betas_discriminator), "betas must lie in [0, 1)"),
-            (self.clip_grad_norm >= 0, "clip_grad_norm must be non-negative (0 turns it off)"),
-            (self.epochs >= 0, "epochs must be non-negative"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.dtype in ("float32", "float64"), f"unknown dtype {self.dtype!r}"),
-            (self.train_limit >= 0 and self.test_limit >= 0, "limits must be non-negative"),
+             "feature_layer",
+             f"`feature_layer` {self.feature_layer} is not a discriminator hidden layer"),
+            (self.gamma >= 0, "gamma", "`gamma` must be non-negative"),
+            (self.optimizer in OPTIMIZERS, "optimizer",
+             f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
+            (bad_lr is None, bad_lr, f"learning rates must be positive (`{bad_lr}`)"),
+            (bad_betas is None, bad_betas, f"betas must lie in [0, 1) (`{bad_betas}`)"),
+            (self.clip_grad_norm >= 0, "clip_grad_norm",
+             "`clip_grad_norm` must be non-negative (0 turns it off)"),
+            (self.epochs >= 0, "epochs", "`epochs` must be non-negative"),
+            (self.seed >= 0, "seed", f"`seed` must be non-negative, got {self.seed}"),
+            (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),
+            (self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}"),
+            (self.train_limit >= 0, "train_limit", "`train_limit` must be non-negative"),
+            (self.test_limit >= 0, "test_limit", "`test_limit` must be non-negative"),
+            (self.test_limit != 1, "test_limit", "`test_limit` must be 0 (all) or at least 2: "
+                                                 "the pictures interpolate between pairs of "
+                                                 "test images"),
         ]
-        for ok, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message, name)
+
+    def parameter_count(self):
+        """How many weights and biases the three networks hold (for memory and disk checks)."""
+        def linears(sizes):
+            return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+        encoder = linears((self.image_size,) + self.encoder_widths)
+        encoder += 2 * linears((self.encoder_widths[-1], self.latent_dim))
+        decoder = linears((self.latent_dim,) + self.decoder_widths + (self.image_size,))
+        discriminator = (linears((self.image_size,) + self.discriminator_widths + (1,))
+                         if self.mode == "vaegan" else 0)
+        return encoder + decoder + discriminator
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -111,11 +143,58 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}", unknown[0])
         return cls(**values)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _typed(setting, value):
+    """`value` as the type of Config field `setting`; ConfigError naming the field otherwise."""
+    name, kind = setting.name, setting.type
+    if kind is tuple:
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"`{name}` must be a list, got {value!r}", name)
+        element = type(setting.default[0])
+        values = tuple(_scalar(name, element, item, " entries") for item in value)
+        if name in LENGTHS and len(values) != LENGTHS[name]:
+            raise ConfigError(f"`{name}` takes exactly {LENGTHS[name]} values, got "
+                              f"{len(values)}", name)
+        return values
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of notes, got {value!r}", name)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{name} must hold only strings, numbers, booleans, lists and "
+                              f"tables (it is saved as JSON): {error}", name) from error
+        return value
+    return _scalar(name, kind, value)
+
+
+def _scalar(name, kind, value, part=""):
+    """`value` as a bool, int, float or str; ints refuse fractions, floats refuse nan and inf.
+    `part` says which part of setting `name` it is (" entries" of a list)."""
+    what = f"`{name}`{part}"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {value!r}", name)
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{what} must be a string, got {value!r}", name)
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{what} must be a whole number, got {value!r}", name)
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} must be a number, got {value!r}", name)
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}", name)
+    return float(value)
 
 
 def field_comments():

@@ -29,15 +29,17 @@ SPLITS = ("train", "test")
 DOWNLOAD_TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 20
 REDOWNLOAD_ADVICE = "delete it and run again to re-download, or replace it with a good copy"
-FOLDER_ADVICE = "pass --data-dir or set FASTVAE_DATA to a folder that has the files"
+FOLDER_ADVICE = "pass `data_dir` or set FASTVAE_DATA to a folder that has the files"
 
 
 @dataclass(frozen=True)
 class IdxFile:
-    """One IDX file: its name without .gz, and the md5 of its decompressed bytes."""
+    """One IDX file: its name without .gz, the md5 of its decompressed bytes, and their count
+    (when known: a file is never decompressed past it, so a gzip bomb is not inflated)."""
 
     name: str
     md5: str
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,21 +72,22 @@ class DatasetSpec:
         return (self.train.images, self.train.labels, self.test.images, self.test.labels)
 
 
-def _mnist_style_split(prefix: str, images_md5: str, labels_md5: str) -> SplitFiles:
-    """The conventional `<prefix>-images-idx3-ubyte` / `<prefix>-labels-idx1-ubyte` pair."""
+def _mnist_style_split(prefix: str, count: int, images_md5: str, labels_md5: str) -> SplitFiles:
+    """The conventional `<prefix>-images-idx3-ubyte` / `<prefix>-labels-idx1-ubyte` pair of
+    `count` 28 x 28 images (IDX headers of 16 and 8 bytes)."""
     return SplitFiles(
-        images=IdxFile(f"{prefix}-images-idx3-ubyte", images_md5),
-        labels=IdxFile(f"{prefix}-labels-idx1-ubyte", labels_md5),
+        images=IdxFile(f"{prefix}-images-idx3-ubyte", images_md5, 16 + count * 28 * 28),
+        labels=IdxFile(f"{prefix}-labels-idx1-ubyte", labels_md5, 8 + count),
     )
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
         train=_mnist_style_split(
-            "train", "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624"
+            "train", 60000, "6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624"
         ),
         test=_mnist_style_split(
-            "t10k", "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"
+            "t10k", 10000, "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"
         ),
         mirrors=(
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -94,10 +97,10 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "fashion-mnist": DatasetSpec(
         train=_mnist_style_split(
-            "train", "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9"
+            "train", 60000, "f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9"
         ),
         test=_mnist_style_split(
-            "t10k", "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"
+            "t10k", 10000, "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"
         ),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         local_dirs=("/usr/share/datasets/fashion-mnist",),
@@ -124,11 +127,23 @@ def _open_idx(path: Path):
         raise DataError(f"cannot open {path} ({error}): check that it exists and is readable") from error
 
 
-def _read_chunks(path: Path) -> Iterator[bytes]:
-    """The decompressed content of `path` in chunks, with decoding failures as DataError."""
+def _too_large(path: Path, limit: int) -> DataError:
+    return DataError(f"{path} holds more than the {limit} bytes its file has (it was not "
+                     f"decompressed further): it is not that file; {REDOWNLOAD_ADVICE}")
+
+
+def _read_chunks(path: Path, limit: int | None = None) -> Iterator[bytes]:
+    """The decompressed content of `path` in chunks, with decoding failures as DataError;
+    DataError as soon as more than `limit` bytes come out (or the file is larger)."""
+    if limit is not None and path.is_file() and path.stat().st_size > limit:
+        raise _too_large(path, limit)
+    total = 0
     with _open_idx(path) as stream:
         try:
             while chunk := stream.read(CHUNK_BYTES):
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise _too_large(path, limit)
                 yield chunk
         except EOFError as error:
             raise DataError(f"{path} is truncated (the gzip stream ends early): {REDOWNLOAD_ADVICE}") from error
@@ -138,9 +153,9 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
             raise DataError(f"cannot read {path} ({error}): check the file and its permissions") from error
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The whole decompressed content of `path`."""
-    return b"".join(_read_chunks(path))
+def _read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The whole decompressed content of `path` (at most `limit` bytes)."""
+    return b"".join(_read_chunks(path, limit))
 
 
 def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
@@ -211,24 +226,43 @@ def _file_state_key(path: Path) -> tuple[str, int, int]:
     return (str(resolved), state.st_size, state.st_mtime_ns)
 
 
-def raw_md5(path: str | os.PathLike, raw: bytes | None = None) -> str:
+def raw_md5(path: str | os.PathLike, raw: bytes | None = None, limit: int | None = None) -> str:
     """MD5 of the decompressed content of `path`, memoised by path, size and mtime.
 
-    Pass `raw` when the content is already in memory to avoid reading it again.
+    Pass `raw` when the content is already in memory to avoid reading it again; `limit`
+    refuses content larger than that many bytes.
     """
     path = Path(path)
     key = _file_state_key(path)
     if key not in _md5_by_file_state:
         digest = hashlib.md5()
-        for chunk in [raw] if raw is not None else _read_chunks(path):
+        for chunk in [raw] if raw is not None else _read_chunks(path, limit):
             digest.update(chunk)
         _md5_by_file_state[key] = digest.hexdigest()
     return _md5_by_file_state[key]
 
 
-def _verify_md5(path: Path, expected: str, raw: bytes | None = None) -> None:
-    """Raise DataError unless the decompressed content of `path` hashes to `expected`."""
-    found = raw_md5(path, raw)
+def _owner(md5: str) -> str | None:
+    """The registered dataset one of whose files hashes to `md5`, or None."""
+    for name, spec in DATASETS.items():
+        if any(idx_file.md5 == md5 for idx_file in spec.files):
+            return name
+    return None
+
+
+class ForeignFile(DataError):
+    """A good file of another registered dataset, where this one's was looked for."""
+
+
+def _verify(path: Path, idx_file: IdxFile, raw: bytes | None = None) -> None:
+    """Raise DataError unless the decompressed content of `path` is `idx_file`'s."""
+    expected = idx_file.md5
+    found = raw_md5(path, raw, idx_file.size)
+    if found != expected and _owner(found):
+        raise ForeignFile(
+            f"{path} is a good file of the {_owner(found)} dataset, not the one asked for: keep "
+            f"it, and give each dataset its own folder ({FOLDER_ADVICE})"
+        )
     if found != expected:
         raise DataError(
             f"{path} has the wrong checksum (expected md5 {expected} of the decompressed data, found {found}): "
@@ -277,7 +311,7 @@ def _temporary_file(folder: Path, name: str) -> Path:
     except OSError as error:
         raise DataError(
             f"cannot write to {folder} to download the dataset ({error}): "
-            "pass --data-dir or set FASTVAE_DATA to a writable folder or to one that has the files"
+            "pass `data_dir` or set FASTVAE_DATA to a writable folder or to one that has the files"
         ) from error
     os.close(handle)
     return Path(part_path)
@@ -287,11 +321,11 @@ def _mirror_failure(url: str, part: Path, idx_file: IdxFile) -> str | None:
     """Why downloading `url` into `part` gave no verified copy of `idx_file`, or None if it did."""
     try:
         _download_url(url, part, f"{idx_file.name}.gz")
-        found = raw_md5(part)
+        found = raw_md5(part, limit=idx_file.size)
     except (OSError, http.client.HTTPException, ValueError) as error:
         return str(error)
-    except DataError:
-        return "the download is not a valid gzip file"
+    except DataError as error:
+        return f"the download is not a good gzip file of it ({error})"
     if found != idx_file.md5:
         return f"checksum mismatch: expected md5 {idx_file.md5}, found {found}"
     return None
@@ -326,36 +360,50 @@ def find_or_fetch(
     *,
     mirrors: Sequence[str] | None = None,
     verify: bool = True,
+    files: Sequence[IdxFile] | None = None,
 ) -> Path:
-    """The folder holding all four files of `dataset`, downloading missing ones into `data_dir`.
+    """The folder holding the files of `dataset` (`files`, default all four), downloading
+    missing ones into `data_dir`.
 
-    A folder that already has every file is used as is; `verify` checks their md5s (once per process).
+    A folder that already has every file is used as is; `verify` checks their md5s (once per
+    process), and a folder holding another dataset's files is passed over for the next one.
     """
     spec = _dataset_spec(dataset)
+    wanted = tuple(spec.files if files is None else files)
     folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    foreign = None
     for candidate in (folder, *map(Path, spec.local_dirs)):
-        found = [_locate(candidate, idx_file) for idx_file in spec.files]
-        if all(found):
-            if verify:
-                for path, idx_file in zip(found, spec.files):
-                    _verify_md5(path, idx_file.md5)
-            return candidate
+        found = [_locate(candidate, idx_file) for idx_file in wanted]
+        if not all(found):
+            continue
+        try:
+            for path, idx_file in zip(found, wanted if verify else ()):
+                _verify(path, idx_file)
+        except ForeignFile as error:
+            foreign = foreign or error
+            continue
+        return candidate
+    if foreign is not None:
+        raise DataError(f"no {dataset} files found; {foreign}"
+                        + (f", or {spec.install_hint}" if spec.install_hint else ""))
     missing = [idx_file for idx_file in spec.files if _locate(folder, idx_file) is None]
     if not download:
         names = ", ".join(f"{idx_file.name}[.gz]" for idx_file in missing)
-        raise DataError(f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading")
+        raise DataError(
+            f"{dataset} files missing from {folder}: {names}; {_missing_advice(spec)}, or allow downloading"
+        )
     for idx_file in missing:
         _fetch(idx_file, folder, spec.mirrors if mirrors is None else mirrors, dataset, spec)
     if verify:
-        for idx_file in spec.files:
-            _verify_md5(_locate(folder, idx_file), idx_file.md5)
+        for idx_file in wanted:
+            _verify(_locate(folder, idx_file), idx_file)
     return folder
 
 
 def _load_verified(path: Path, idx_file: IdxFile) -> np.ndarray:
     """The array in `path`, after checking its md5 from the same single read."""
-    raw = _read_bytes(path)
-    _verify_md5(path, idx_file.md5, raw)
+    raw = _read_bytes(path, idx_file.size)
+    _verify(path, idx_file, raw)
     return _parse_idx(raw, path)
 
 
@@ -369,7 +417,7 @@ def load_split(
     """Verified images (N, 28, 28) and labels (N,) of one split, both uint8; `limit` keeps the first N."""
     spec = _dataset_spec(dataset)
     files = spec.split(split)
-    folder = find_or_fetch(dataset, data_dir, download, verify=False)
+    folder = find_or_fetch(dataset, data_dir, download, files=(files.images, files.labels))
     images = _load_verified(_locate(folder, files.images), files.images)
     labels = _load_verified(_locate(folder, files.labels), files.labels)
     if images.ndim != 3 or labels.ndim != 1:

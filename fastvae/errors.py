@@ -1,8 +1,9 @@
 """The one error family: every mistake a user can make or meet ends in one of these.
 
 The CLI turns exactly this family into a one-line message with exit status 2; any other
-exception is a bug and shows its traceback. Messages speak of settings by their Config
-names; the CLI phrases them as flags.
+exception is a bug and shows its traceback. Messages speak of settings by their Config (or
+keyword-argument) names in backticks, such as `batch_size`; the CLI phrases those as flags
+(--batch-size).
 """
 
 
@@ -11,7 +12,11 @@ class FastvaeError(Exception):
 
 
 class ConfigError(FastvaeError, ValueError):
-    """A setting that is out of range, of the wrong type, or unknown."""
+    """A setting that is out of range, of the wrong type, or unknown; `field` names it."""
+
+    def __init__(self, message, field=None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(FastvaeError):
@@ -24,6 +29,11 @@ class CheckpointError(FastvaeError, ValueError):
 
 class ImageError(FastvaeError, ValueError):
     """A user image that cannot be used, with a message naming the file and the fix."""
+
+
+class OutputError(FastvaeError, OSError):
+    """An output file that cannot be written (no name, a file where a folder must be, a full
+    disk); whatever was there before is unchanged."""
 
 
 class TrainingError(FastvaeError, RuntimeError):

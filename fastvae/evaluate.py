@@ -18,7 +18,12 @@ import math
 
 import numpy as np
 
-from fastvae.data import to_unit_float
+from fastvae.metrics import (
+    as_unit_images,
+    bernoulli_log_likelihood,
+    gaussian_kl,
+    reconstruction_errors,
+)
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -43,42 +48,9 @@ METRICS = {
 }
 
 
-def bernoulli_nll(images, probabilities):
-    """-log p(x | probabilities) per image in nats, for x in [0, 1] (Bernoulli decoder).
-
-    Probabilities are clipped to [1e-7, 1 - 1e-7]; `bernoulli_log_likelihood` on logits is exact.
-    """
-    p = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    return -np.sum(images * np.log(p) + (1 - images) * np.log1p(-p), axis=-1)
-
-
-def bernoulli_log_likelihood(images, logits):
-    """log p(x | sigmoid(logits)) summed over the last axis, in float64, from the logits.
-
-    x * l - softplus(l), with softplus(l) = max(l, 0) + log1p(exp(-|l|)): no overflow, no
-    log(0), and no clipping of confident pixels. `images` broadcasts against `logits`.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    softplus = np.maximum(logits, 0) + np.log1p(np.exp(-np.abs(logits)))
-    return np.sum(images * logits - softplus, axis=-1)
-
-
 def decoder_logits(model, z, max_rows=4096):
     """The decoder's output logits for latent codes `z` (N, latent), as float64 NumPy."""
     return model.decode(z, logits=True, batch_size=max_rows).astype(np.float64)
-
-
-def gaussian_kl(mu, log_var):
-    """KL(N(mu, exp(log_var)) || N(0, I)) per row, in nats."""
-    mu, log_var = np.asarray(mu, np.float64), np.asarray(log_var, np.float64)
-    return -0.5 * np.sum(1 + log_var - mu**2 - np.exp(log_var), axis=-1)
-
-
-def _as_images(images):
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return to_unit_float(images, dtype="float64")
-    return images.reshape(len(images), -1).astype(np.float64)
 
 
 def negative_elbo(model, images, eps=None, seed=0):
@@ -86,7 +58,7 @@ def negative_elbo(model, images, eps=None, seed=0):
 
     `eps` (N, latent) fixes the noise; otherwise it is drawn from `seed`.
     """
-    images = _as_images(images)
+    images = as_unit_images(images)
     mu, log_var = (a.astype(np.float64) for a in model.encode(images))
     if eps is None:
         eps = np.random.default_rng(seed).standard_normal(mu.shape)
@@ -99,7 +71,7 @@ def log_importance_weights(model, images, eps, max_rows=4096):
 
     `eps` has shape (N, k, latent). The decoder runs on at most `max_rows` codes at a time.
     """
-    images = _as_images(images)
+    images = as_unit_images(images)
     mu, log_var = (a.astype(np.float64)[:, None, :] for a in model.encode(images))
     z = mu + np.exp(0.5 * log_var) * eps
     log_q = -0.5 * np.sum(eps**2 + log_var + LOG_2PI, axis=-1)
@@ -131,7 +103,7 @@ def importance_weighted_nll(model, images, k=100, seed=0, eps=None, max_rows=409
     max_rows x 784 float64 numbers whatever k and the number of images. `eps` (N, k, latent)
     fixes the noise; otherwise each group's noise is drawn from one generator seeded `seed`.
     """
-    images = _as_images(images)
+    images = as_unit_images(images)
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     rng = np.random.default_rng(seed)
@@ -152,19 +124,18 @@ def test_metrics(model, images, batch_size=1000, seed=0):
 
     Likelihood terms are computed from the decoder's logits in float64 (exact, no clipping).
     """
-    images = _as_images(images)
+    images = as_unit_images(images)
     rng = np.random.default_rng(seed)
     totals = {"reconstruction_bce": 0.0, "reconstruction_mse": 0.0, "kl": 0.0,
               "negative_elbo": 0.0}
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         mu, log_var = (a.astype(np.float64) for a in model.encode(batch))
-        mean_logits = decoder_logits(model, mu)
         kl = gaussian_kl(mu, log_var)
         z = mu + np.exp(0.5 * log_var) * rng.standard_normal(mu.shape)
-        mean_recon = np.exp(-np.logaddexp(0.0, -mean_logits))
-        totals["reconstruction_bce"] -= bernoulli_log_likelihood(batch, mean_logits).sum()
-        totals["reconstruction_mse"] += np.mean((mean_recon - batch) ** 2, axis=1).sum()
+        bce, mse = reconstruction_errors(model, batch, batch_size)
+        totals["reconstruction_bce"] += bce.sum()
+        totals["reconstruction_mse"] += mse.sum()
         totals["kl"] += kl.sum()
         totals["negative_elbo"] += (kl - bernoulli_log_likelihood(
             batch, decoder_logits(model, z))).sum()
@@ -281,7 +252,7 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     (real images the model was not evaluated on, e.g. training images) give the floor of the
     distances, NaN without them. Returns a dict of floats keyed as METRICS.
     """
-    images = _as_images(images)
+    images = as_unit_images(images)
     labels = np.asarray(labels)
     results = test_metrics(model, images, seed=seed)
     results["iwae_nll"] = float(np.mean(importance_weighted_nll(model, images, k, seed,
@@ -294,7 +265,7 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     kid = dict(subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     others = {"reconstructions": recon, "samples": samples}
     if reference_images is not None:
-        others["train_images"] = _as_images(reference_images)
+        others["train_images"] = as_unit_images(reference_images)
     for name in ("reconstructions", "samples", "train_images"):
         if name not in others:
             results[f"fid_{name}"] = results[f"kid_{name}"] = float("nan")

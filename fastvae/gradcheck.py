@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastvae import kernels
-from fastvae.backend import Backend
+from fastvae.backend import ACTIVATIONS, Backend, load_kernels, to_numpy
 from fastvae.config import Config
 from fastvae.kernels import numpy_ref
-from fastvae.layers import (ACTIVATION_LAYERS, Linear, NeuralNetwork, Sigmoid, activation_layer)
+from fastvae.layers import ACTIVATION_LAYERS, Linear, NeuralNetwork, Sigmoid
 from fastvae.model import VAEGAN
 
 STEP = 1e-6
@@ -73,7 +72,7 @@ def check_layer(name, layer, x, rng, count=60):
     checks.append(Check(f"{name}: input", relative_error(
         grad_in.reshape(-1)[coords], numeric_gradient(loss, x, coords)), TOLERANCE))
     layers = layer.linears() if isinstance(layer, NeuralNetwork) else [layer]
-    for position, linear in enumerate(l for l in layers if isinstance(l, Linear)):
+    for position, linear in enumerate(item for item in layers if isinstance(item, Linear)):
         for (tensor, value), (_, grad) in zip(linear.parameters(), linear.gradients()):
             coords = _coords(value.size, count, rng)
             analytic = np.array(grad).reshape(-1)[coords]
@@ -90,8 +89,7 @@ def layer_checks(seed=0):
     cases = [("Linear", Linear(7, 4, rng=rng, backend=backend))]
     cases += [(cls.__name__, cls(backend)) for cls in ACTIVATION_LAYERS.values()]
     for activation in ACTIVATION_LAYERS:
-        network = NeuralNetwork([Linear(7, 6, rng=rng, backend=backend),
-                                 activation_layer(activation, backend),
+        network = NeuralNetwork([Linear(7, 6, activation=activation, rng=rng, backend=backend),
                                  Linear(6, 3, rng=rng, backend=backend),
                                  Sigmoid(backend)], backend=backend)
         cases.append((f"NeuralNetwork(Linear+{activation})", network))
@@ -125,7 +123,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
     checks = []
     for name, params in model.params.items():
         coords = _coords(params.size, count, rng)
-        numeric = numeric_gradient(lambda: float(losses()[name]), params, coords, MODEL_STEP)
+        numeric = numeric_gradient(lambda name=name: float(losses()[name]), params, coords,
+                                   MODEL_STEP)
         checks.append(Check(f"{label}: {name} loss", relative_error(grads[name][coords], numeric),
                             TOLERANCE))
     return checks
@@ -148,7 +147,7 @@ def _kernel_cases(rng, dtype):
     batch, n_in, n_out = 33, 20, 17
     x, weight, bias, grad_y = rand(batch, n_in), rand(n_in, n_out), rand(n_out), rand(batch, n_out)
     cases = []
-    for activation in kernels.ACTIVATIONS:
+    for activation in ACTIVATIONS:
         y = numpy_ref.dense_forward(x, weight, bias, activation, empty(batch, n_out))
         cases.append((f"dense_forward {activation}", "dense_forward",
                       [x, weight, bias, activation, empty(batch, n_out)], [4]))
@@ -182,7 +181,7 @@ def _kernel_cases(rng, dtype):
 
 def compare_kernels(name, dtype="float32", seed=0):
     """Every op of backend `name` against the NumPy reference on the same random inputs."""
-    module = kernels.load(name)
+    module = load_kernels(name)
     tolerance = 1e-4 if dtype == "float32" else 1e-10
     checks = []
     for label, op, args, outputs in _kernel_cases(np.random.default_rng(seed), dtype):
@@ -193,38 +192,10 @@ def compare_kernels(name, dtype="float32", seed=0):
         pairs = [(reference_args[i], backend_args[i]) for i in outputs]
         if expected is not None and np.ndim(expected) == 0:
             pairs.append((expected, result))
-        error = max(relative_error(to_host(got), np.asarray(want))
+        error = max(relative_error(to_numpy(got), np.asarray(want))
                     for want, got in pairs)
         checks.append(Check(f"{name} {dtype}: {label}", error, tolerance))
     return checks
-
-
-def to_host(array):
-    """A NumPy view or copy of a backend array."""
-    return array.get() if hasattr(array, "get") else np.asarray(array)
-
-
-KERNEL_TOLERANCES = {"float32": 1e-5, "float64": 1e-12}
-
-
-def assert_close(got, want, dtype, magnitude=None):
-    """`got` (any backend) equals `want` within `dtype`'s tolerance, relative and absolute; the
-    absolute part scales with the result's magnitude. Non-finite entries must agree."""
-    got, want = to_host(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.all(np.isfinite(got) == np.isfinite(want))
-    if magnitude is None:
-        magnitude = float(np.abs(want).max()) if want.size else 1.0
-    tolerance = KERNEL_TOLERANCES[np.dtype(dtype).name]
-    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * max(magnitude, 1e-30))
-
-
-def assert_loss_close(got, want, dtype):
-    """A loss kernel's result is a 0-d float64 array equal to `want` within `dtype`'s tolerance."""
-    got = to_host(got)
-    assert got.shape == () and got.dtype == np.float64, "a loss is a 0-d float64 array"
-    tolerance = KERNEL_TOLERANCES[np.dtype(dtype).name]
-    np.testing.assert_allclose(float(got), float(want), rtol=tolerance, atol=tolerance * 1e-3)
 
 
 def report(checks):

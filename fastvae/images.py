@@ -1,6 +1,7 @@
 """Turn user-supplied digit pictures into 784-pixel MNIST-style inputs."""
 
 import os
+import warnings
 
 import numpy as np
 
@@ -20,9 +21,16 @@ def _open_image(path):
     if not os.path.isfile(path):
         raise ImageError(f"No image file at '{path}'; check the path and try again.")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return ImageOps.exif_transpose(opened)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                return ImageOps.exif_transpose(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(
+            f"'{path}' is too large to decode safely ({error}); scale the digit down to a few "
+            "hundred pixels a side."
+        ) from error
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ImageError(
             f"'{path}' is not a readable image ({error}); save the digit as a PNG or JPEG."
@@ -34,8 +42,18 @@ def _has_alpha(picture):
     return picture.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in picture.info
 
 
+def _backdrop(rgba):
+    """White behind dark ink, black behind light ink (judged by the opaque pixels' lightness),
+    so a drawing on a transparent background keeps its contrast whatever its colour."""
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
+    lightness = np.asarray(rgba.convert("L"), dtype=np.float64)
+    light_ink = alpha.sum() > 0 and (lightness * alpha).sum() / alpha.sum() > 127.5
+    return (0, 0, 0, 255) if light_ink else (255, 255, 255, 255)
+
+
 def _grayscale(picture):
-    """Return the picture as a float [0, 1] grayscale array, transparency composited on white."""
+    """Return the picture as a float [0, 1] grayscale array, transparency composited on a
+    backdrop that contrasts with the ink."""
     from PIL import Image
 
     if picture.mode.startswith("I") or picture.mode == "F":
@@ -44,8 +62,8 @@ def _grayscale(picture):
         return np.clip(values / peak, 0.0, 1.0)
     if _has_alpha(picture):
         rgba = picture.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        picture = Image.alpha_composite(white, rgba)
+        backdrop = Image.new("RGBA", rgba.size, _backdrop(rgba))
+        picture = Image.alpha_composite(backdrop, rgba)
     return np.asarray(picture.convert("L"), dtype=np.float64) / 255.0
 
 
@@ -63,7 +81,8 @@ def _ink(gray, path):
     contrast = float(ink.max()) - background
     if contrast < MIN_CONTRAST:
         raise ImageError(
-            f"'{path}' has no visible digit (it is blank); draw the digit in a colour that stands out from the background."
+            f"'{path}' has no visible digit (it is blank); draw the digit in a colour that stands out "
+            "from the background."
         )
     return np.clip((ink - background) / contrast, 0.0, 1.0)
 

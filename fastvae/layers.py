@@ -5,12 +5,38 @@ its backward needs (Linear: its input and output; activations: their output) and
 arrays it returns: the next forward or backward call overwrites them, so steady-state training
 allocates nothing.
 """
+from collections import OrderedDict
+
 import numpy as np
 
-from fastvae.backend import resolve
-from fastvae.kernels import ACTIVATIONS
+from fastvae.backend import ACTIVATIONS, resolve
 
 INITS = ("he", "glorot")
+
+
+class Buffers:
+    """Arrays reused across calls, at most `per_name` shapes kept per name (the least
+    recently used one is dropped), so inference over many batch sizes holds a bounded set."""
+
+    def __init__(self, backend, per_name=4):
+        self.backend, self.per_name = backend, per_name
+        self._arrays = {}
+
+    def get(self, name, shape):
+        """The array for (name, shape): made on first use, then the same one each call."""
+        shapes = self._arrays.setdefault(name, OrderedDict())
+        shape = tuple(shape)
+        array = shapes.get(shape)
+        if array is None:
+            array = shapes[shape] = self.backend.empty(shape)
+            if len(shapes) > self.per_name:
+                shapes.popitem(last=False)
+        else:
+            shapes.move_to_end(shape)
+        return array
+
+    def __len__(self):
+        return sum(len(shapes) for shapes in self._arrays.values())
 
 
 class Layer:
@@ -18,15 +44,11 @@ class Layer:
 
     def __init__(self, backend=None):
         self.backend = resolve(backend)
-        self._buffers = {}
+        self._buffers = Buffers(self.backend)
 
     def buffer(self, name, shape):
-        """An array owned by this layer, allocated once per (name, shape) and then reused."""
-        key = (name, tuple(shape))
-        array = self._buffers.get(key)
-        if array is None:
-            array = self._buffers[key] = self.backend.empty(shape)
-        return array
+        """An array owned by this layer for (name, shape), reused by later calls."""
+        return self._buffers.get(name, shape)
 
     def parameters(self):
         """(name, array) pairs of the trainable arrays."""
@@ -38,16 +60,20 @@ class Layer:
 
 
 class Linear(Layer):
-    """y = activation(x @ weight + bias); `activation` is set when a container fuses one in."""
+    """y = activation(x @ weight + bias), the activation fused into the same kernel pass."""
 
-    def __init__(self, in_features, out_features, *, init="he", rng=None, backend=None):
+    def __init__(self, in_features, out_features, *, activation="identity", init="he",
+                 rng=None, backend=None):
         super().__init__(backend)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear sizes must be positive, got {in_features} -> {out_features}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
         self.in_features, self.out_features = in_features, out_features
-        self.activation = "identity"
+        self.activation = activation
         rng = rng if rng is not None else np.random.default_rng()
         if init == "he":
             weight = rng.standard_normal((in_features, out_features)) * np.sqrt(2.0 / in_features)
@@ -125,7 +151,7 @@ class ReLU(Activation):
 
 
 class LeakyReLU(Activation):
-    """max(x, 0.2 x)."""
+    """max(x, slope x), with the kernel table's LEAKY_SLOPE (0.2)."""
 
     name = "leaky_relu"
 
@@ -142,81 +168,78 @@ ACTIVATION_LAYERS = {cls.name: cls for cls in (ReLU, LeakyReLU, Sigmoid, Tanh)}
 assert set(ACTIVATION_LAYERS) | {"identity"} == set(ACTIVATIONS)
 
 
-def activation_layer(name, backend=None):
-    """The activation layer called `name` ("relu", "leaky_relu", "sigmoid", "tanh")."""
-    if name not in ACTIVATION_LAYERS:
-        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATION_LAYERS)}")
-    return ACTIVATION_LAYERS[name](backend)
-
-
 class NeuralNetwork:
-    """A sequence of layers; a Linear followed by an activation runs as one fused kernel.
+    """A sequence of layers, run as they are given (activations fuse into a Linear when it is
+    built: `Linear(..., activation="relu")`).
 
-    A final Sigmoid stays a layer of its own so that `logits=True` can stop before it and hand
-    the logits to a loss in the stable logits form.
+    A layer may be given a name (`add(layer, name)`): its output is a tap that `forward` keeps
+    on request and `backward` can start from or inject a gradient into. A final Sigmoid stays
+    a layer of its own so that `logits=True` can stop before it and hand the logits to a loss
+    in the stable logits form.
     """
 
     def __init__(self, layers=(), backend=None):
         self.backend = resolve(backend)
-        self.layers = []
-        self._stages = None
-        self.stage_outputs = []
+        self.layers, self.names = [], []
         for layer in layers:
             self.add(layer)
 
     def __repr__(self):
         return "NeuralNetwork(" + ", ".join(map(repr, self.layers)) + ")"
 
-    def add(self, layer):
+    def add(self, layer, name=None):
+        """Append `layer`; `name` makes its output a tap."""
+        if name is not None and name in self.names:
+            raise ValueError(f"this network already has a layer named {name!r}")
         self.layers.append(layer)
-        self._stages = None
+        self.names.append(name)
         return self
 
-    def stages(self):
-        """The layers as run: Linears with their following activation fused in."""
-        if self._stages is None:
-            self._stages = []
-            for index, layer in enumerate(self.layers):
-                previous = self._stages[-1] if self._stages else None
-                last = index == len(self.layers) - 1
-                fusable = isinstance(layer, Activation) and not (last and isinstance(layer, Sigmoid))
-                if fusable and isinstance(previous, Linear) and previous.activation == "identity":
-                    previous.activation = layer.name
-                else:
-                    self._stages.append(layer)
-        return self._stages
+    def index(self, name):
+        """The position of the layer called `name`."""
+        if name not in self.names:
+            taps = [n for n in self.names if n is not None]
+            raise KeyError(f"no layer named {name!r}: the taps are {', '.join(taps) or 'none'}")
+        return self.names.index(name)
 
-    def _run_stages(self, logits):
-        stages = self.stages()
+    def _run_layers(self, logits):
         if logits:
-            if not isinstance(stages[-1], Sigmoid):
+            if not isinstance(self.layers[-1], Sigmoid):
                 raise ValueError("logits=True needs a network that ends with Sigmoid")
-            return stages[:-1]
-        return stages
+            return self.layers[:-1]
+        return self.layers
 
-    def forward(self, x, *, logits=False):
-        """The network's output, or the input of its final Sigmoid when `logits`."""
-        self.stage_outputs = []
-        for stage in self._run_stages(logits):
-            x = stage.forward(x)
-            self.stage_outputs.append(x)
-        return x
+    def forward(self, x, *, logits=False, keep=()):
+        """The network's output, or the input of its final Sigmoid when `logits`.
+
+        With `keep` (names of taps), returns (output, {name: that layer's output}); the kept
+        arrays are the layers' own, overwritten by the next call.
+        """
+        wanted = {self.index(name): name for name in keep}
+        kept = {}
+        for index, layer in enumerate(self._run_layers(logits)):
+            x = layer.forward(x)
+            if index in wanted:
+                kept[wanted[index]] = x
+        if len(kept) != len(wanted):
+            raise ValueError("logits=True stops before the tapped final layer")
+        return (x, kept) if keep else x
 
     def backward(self, grad, *, logits=False, rows=None, input_grad=True, param_grads=True,
                  start=None, inject=None):
-        """Back-propagate `grad` (at the output, or at stage `start`'s output) to the input.
+        """Back-propagate `grad` (at the output, or at tap `start`'s output) to the input.
 
-        `inject` maps a stage index to a gradient added at that stage's output; `input_grad`
+        `inject` maps a tap name to a gradient added at that layer's output; `input_grad`
         False skips the first layer's input gradient; `param_grads` False leaves parameter
         gradients alone (a pass that only carries a gradient through).
         """
-        stages = self._run_stages(logits)
-        start = len(stages) - 1 if start is None else start % len(stages)
-        inject = inject or {}
+        layers = self._run_layers(logits)
+        start = len(layers) - 1 if start is None else self.index(start)
+        inject = {self.index(name): value for name, value in (inject or {}).items()}
         for index in range(start, -1, -1):
             if index in inject:
                 grad = grad + inject[index]
-            grad = stages[index].backward(
+            grad = layers[index].backward(
                 grad, rows=rows, input_grad=input_grad or index > 0, param_grads=param_grads
             )
         return grad

@@ -1,28 +1,30 @@
 """The three networks and the VAE-GAN of Larsen et al. 2015 built from them.
 
-The model knows nothing of data files or training loops: `train_step(x)` takes one batch
-(a backend array of shape (batch, image_size) with values in [0, 1]) and returns the losses.
+The model knows nothing of data files or training: `compute_gradients(x)` takes one batch
+(a backend array of shape (batch, image_size) with values in [0, 1]), returns the losses and
+leaves every network's gradient in `grads`; `fastvae.state.TrainState` applies them.
 """
 import numpy as np
 
 from fastvae import losses
-from fastvae.backend import Backend, get_backend
+from fastvae.backend import resolve
 from fastvae.config import Config
-from fastvae.layers import Linear, NeuralNetwork, Sigmoid, activation_layer, pack_parameters
-from fastvae.optim import SGD, Adam
+from fastvae.layers import Buffers, Linear, NeuralNetwork, Sigmoid, pack_parameters
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 
 
 def mlp(sizes, activation, init, rng, backend, hidden_after_last=False, final_sigmoid=False):
-    """Linear layers through `sizes`, `activation` between them (after the last too if asked)."""
+    """Linear layers through `sizes` with `activation` fused into each hidden one (into the
+    last too if asked). Hidden layers are the taps "hidden0", "hidden1", ...; the last
+    Linear is "output" (unless it is hidden)."""
     network = NeuralNetwork(backend=backend)
     steps = list(zip(sizes[:-1], sizes[1:]))
     for index, (n_in, n_out) in enumerate(steps):
-        network.add(Linear(n_in, n_out, init=init, rng=rng, backend=backend))
-        is_last = index == len(steps) - 1
-        if activation != "identity" and (hidden_after_last or not is_last):
-            network.add(activation_layer(activation, backend))
+        hidden = hidden_after_last or index < len(steps) - 1
+        network.add(Linear(n_in, n_out, activation=activation if hidden else "identity",
+                           init=init, rng=rng, backend=backend),
+                    f"hidden{index}" if hidden else "output")
     if final_sigmoid:
         network.add(Sigmoid(backend))
     return network
@@ -64,14 +66,6 @@ def Discriminator(config, rng, backend):
                final_sigmoid=True)
 
 
-def make_optimizer(config, network, params, grads, backend):
-    lr = getattr(config, "lr_" + network)
-    betas = getattr(config, "betas_" + network)
-    if config.optimizer == "sgd":
-        return SGD(params, grads, lr=lr, momentum=betas[0], backend=backend)
-    return Adam(params, grads, lr=lr, betas=betas, backend=backend)
-
-
 class VAEGAN:
     """Encoder, decoder (generator) and discriminator, trained as in Larsen et al. 2015.
 
@@ -86,11 +80,8 @@ class VAEGAN:
         config = config if config is not None else Config()
         self.config = config.replace(**overrides) if overrides else config
         init_seed, noise_seed = np.random.SeedSequence(self.config.seed).spawn(2)
-        if isinstance(backend, Backend):
-            self.backend = backend
-        else:
-            name = backend or self.config.backend or get_backend().name
-            self.backend = Backend(name, self.config.dtype, noise_seed, self.config.device_noise)
+        self.backend = resolve(backend or self.config.backend, dtype=self.config.dtype,
+                               seed=noise_seed, device_noise=self.config.device_noise)
         self.config = self.config.replace(backend=self.backend.name,
                                           dtype=self.backend.dtype.name)
         rng = np.random.default_rng(init_seed)
@@ -101,19 +92,17 @@ class VAEGAN:
         linears = {"encoder": self.encoder.linears(), "decoder": self.decoder.linears()}
         if self.discriminator is not None:
             linears["discriminator"] = self.discriminator.linears()
-        self.params, self.grads, self.optimizers = {}, {}, {}
+        self.params, self.grads = {}, {}   # per network: one flat buffer each
         for name, layers in linears.items():
             self.params[name], self.grads[name] = pack_parameters(layers, self.backend)
-            self.optimizers[name] = make_optimizer(
-                self.config, name, self.params[name], self.grads[name], self.backend
-            )
-        self._buffers = {}
+        self._buffers = Buffers(self.backend)
 
     def _buffer(self, name, shape):
-        key = (name, tuple(shape))
-        if key not in self._buffers:
-            self._buffers[key] = self.backend.empty(shape)
-        return self._buffers[key]
+        return self._buffers.get(name, shape)
+
+    def _feature_tap(self):
+        """The discriminator layer of the learned-similarity loss (config.feature_layer)."""
+        return f"hidden{self.config.feature_layer % len(self.config.discriminator_widths)}"
 
     def _noise(self, out, given):
         if given is None:
@@ -121,25 +110,7 @@ class VAEGAN:
         out[...] = self.backend.asarray(given)
         return out
 
-    # ----- training -----
-
-    def train_step(self, x):
-        """One update of all three networks on batch `x`; returns the losses (0-d arrays)."""
-        step_losses = self.compute_gradients(x)
-        self.apply_gradients()
-        return step_losses
-
-    def apply_gradients(self):
-        """Step every network's optimizer, clipping gradient norms first when configured."""
-        for name, optimizer in self.optimizers.items():
-            if self.config.clip_grad_norm > 0:
-                self._clip(self.grads[name], self.config.clip_grad_norm)
-            optimizer.step()
-
-    def _clip(self, grads, max_norm):
-        """Scale `grads` down to L2 norm `max_norm` if larger (on the device, no sync)."""
-        xp = self.backend.xp
-        grads *= xp.minimum(1.0, max_norm / (xp.linalg.norm(grads) + 1e-12)).astype(grads.dtype)
+    # ----- gradients -----
 
     def compute_gradients(self, x, eps=None, prior_z=None):
         """Losses of batch `x` and every network's gradient; `eps`, `prior_z` fix the noise."""
@@ -184,7 +155,8 @@ class VAEGAN:
         images = self._buffer("d_in", (3 * batch, x.shape[1]))
         images[real] = x
         ops.activation_forward("sigmoid", logits, images[fake])
-        d_logits = self.discriminator.forward(images, logits=True)
+        d_logits, taps = self.discriminator.forward(images, logits=True,
+                                                    keep=(self._feature_tap(),))
 
         grad_d = self._buffer("grad_d", d_logits.shape)
         d_real, _ = losses.adversarial(d_logits[real], True, grad_out=grad_d[real], backend=backend)
@@ -207,7 +179,8 @@ class VAEGAN:
             grad_images = self.discriminator.backward(grad_g, logits=True, rows=fake,
                                                       param_grads=False)
         else:
-            reconstruction, grad_rec, grad_images = self._feature_gradients(grad_g, batch)
+            reconstruction, grad_rec, grad_images = self._feature_gradients(
+                grad_g, batch, taps[self._feature_tap()])
 
         grad_dec = self._buffer("grad_dec", logits.shape)
         ops.activation_backward("sigmoid", images[fake], grad_images, grad_dec)
@@ -228,15 +201,13 @@ class VAEGAN:
             "disc_fake": d_recon + d_prior,
         }
 
-    def _feature_gradients(self, grad_g, batch):
+    def _feature_gradients(self, grad_g, batch, features):
         """Larsen's learned similarity: 0.5 x squared error of a discriminator hidden layer.
 
         Returns the loss, its gradient at the reconstruction logits (for the encoder) and the
         gradient at the fake images of gamma x reconstruction + adversarial (for the decoder).
         """
-        backend, disc = self.backend, self.discriminator
-        layer = self.config.feature_layer % len(self.config.discriminator_widths)
-        features = disc.stage_outputs[layer]
+        backend, disc, layer = self.backend, self.discriminator, self._feature_tap()
         reconstruction, grad_features = losses.squared_error(
             features[batch:2 * batch], features[:batch], backend=backend,
             grad_out=self._buffer("grad_features", (batch, features.shape[1])),
@@ -252,11 +223,6 @@ class VAEGAN:
         recon_images = self._buffer("d_in", (3 * batch, grad_rec.shape[1]))[batch:2 * batch]
         backend.ops.activation_backward("sigmoid", recon_images, grad_recon_images, grad_rec)
         return reconstruction, grad_rec, grad_images
-
-    def non_finite_networks(self):
-        """Names of the networks with a NaN or infinite parameter (one host read each)."""
-        xp = self.backend.xp
-        return [name for name, params in self.params.items() if not bool(xp.isfinite(params).all())]
 
     # ----- inference (NumPy in, NumPy out) -----
 
@@ -285,10 +251,10 @@ class VAEGAN:
                   for i in range(0, len(z), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0, self.config.image_size))
 
-    def reconstruct(self, images):
-        """Decoded posterior means: the model's reconstruction of each image."""
+    def reconstruct(self, images, logits=False):
+        """Decoded posterior means (or their logits): the model's reconstruction of each image."""
         mu, _ = self.encode(images)
-        return self.decode(mu)
+        return self.decode(mu, logits=logits)
 
     def sample(self, n, seed=None):
         """`n` images decoded from prior samples z ~ N(0, I)."""
@@ -301,16 +267,3 @@ class VAEGAN:
             raise ValueError("a plain VAE has no discriminator")
         return np.concatenate([self.backend.to_numpy(self.discriminator.forward(batch))
                                for batch in self._batches(images)]).reshape(-1)
-
-    # ----- persistence -----
-
-    def save(self, path, extra=None):
-        """Write a checkpoint atomically (see fastvae.checkpoint)."""
-        from fastvae import checkpoint
-        checkpoint.save(path, self, extra)
-
-    @classmethod
-    def load(cls, path, backend=None):
-        """A model restored from a checkpoint, on `backend` (default: the one it was saved from)."""
-        from fastvae import checkpoint
-        return checkpoint.load(path, backend)[0]

@@ -1,4 +1,9 @@
-"""Optimizers over one flat parameter buffer each, so a network updates in one kernel call."""
+"""Optimizers over one flat parameter buffer each, so a network updates in one kernel call.
+
+An optimizer holds its hyper-parameters and moment buffers; the step count is its caller's
+(`fastvae.state.TrainState` keeps one per network, on the device when a CUDA graph replays
+the update), passed to `update` as a number or a 0-d device array.
+"""
 
 
 class Adam:
@@ -7,37 +12,23 @@ class Adam:
     def __init__(self, params, grads, *, lr=2e-4, betas=(0.5, 0.999), eps=1e-8, backend):
         self.params, self.grads, self.backend = params, grads, backend
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
-        self.step_count = 0
-        self.device_step = None  # the count as a device scalar too, once count_on_device()
         self.exp_avg = backend.zeros(params.shape)
         self.exp_avg_sq = backend.zeros(params.shape)
 
-    def count_on_device(self):
-        """Keep the step count in a device scalar as well, advanced by a device kernel, so
-        that a step captured as a CUDA graph applies the right bias correction each replay."""
-        self.device_step = self.backend.xp.asarray(float(self.step_count))
-
-    def step(self):
-        self.step_count += 1
-        step = self.step_count
-        if self.device_step is not None:
-            self.device_step += 1
-            step = self.device_step
+    def update(self, step):
+        """Apply the gradients as update number `step` (1 for the first; sets bias correction)."""
         self.backend.ops.adam_update(
             self.params, self.grads, self.exp_avg, self.exp_avg_sq,
             self.lr, self.betas[0], self.betas[1], self.eps, step,
         )
 
     def state(self):
-        """Arrays and counters to checkpoint (arrays stay on the backend)."""
-        return {"step_count": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        """The arrays to checkpoint (they stay on the backend)."""
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    def load_state(self, state):
-        self.step_count = int(state["step_count"])
-        if self.device_step is not None:
-            self.device_step[...] = self.step_count
-        self.exp_avg[...] = self.backend.asarray(state["exp_avg"])
-        self.exp_avg_sq[...] = self.backend.asarray(state["exp_avg_sq"])
+    def load_state(self, arrays):
+        self.exp_avg[...] = self.backend.asarray(arrays["exp_avg"])
+        self.exp_avg_sq[...] = self.backend.asarray(arrays["exp_avg_sq"])
 
 
 class SGD:
@@ -46,19 +37,28 @@ class SGD:
     def __init__(self, params, grads, *, lr=1e-2, momentum=0.9, backend):
         self.params, self.grads, self.backend = params, grads, backend
         self.lr, self.momentum = lr, momentum
-        self.step_count = 0
         self.velocity = backend.zeros(params.shape)
 
-    def count_on_device(self):
-        """Nothing to do: SGD's update does not depend on the step count."""
-
-    def step(self):
-        self.step_count += 1
+    def update(self, step):
+        """Apply the gradients (the update does not depend on the step number)."""
         self.backend.ops.sgd_update(self.params, self.grads, self.velocity, self.lr, self.momentum)
 
     def state(self):
-        return {"step_count": self.step_count, "velocity": self.velocity}
+        return {"velocity": self.velocity}
 
-    def load_state(self, state):
-        self.step_count = int(state["step_count"])
-        self.velocity[...] = self.backend.asarray(state["velocity"])
+    def load_state(self, arrays):
+        self.velocity[...] = self.backend.asarray(arrays["velocity"])
+
+
+def make_optimizer(config, network, params, grads, backend):
+    """The optimizer of `network` ("encoder", ...) as `config` sets it (lr_*, betas_*)."""
+    lr = getattr(config, "lr_" + network)
+    betas = getattr(config, "betas_" + network)
+    if config.optimizer == "sgd":
+        return SGD(params, grads, lr=lr, momentum=betas[0], backend=backend)
+    return Adam(params, grads, lr=lr, betas=betas, backend=backend)
+
+
+def clip_norm(grads, max_norm, xp):
+    """Scale `grads` down to L2 norm `max_norm` if larger (on the device, no sync)."""
+    grads *= xp.minimum(1.0, max_norm / (xp.linalg.norm(grads) + 1e-12)).astype(grads.dtype)

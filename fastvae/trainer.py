@@ -7,6 +7,7 @@ import contextlib
 import csv
 import itertools
 import math
+import os
 import signal
 import threading
 import time
@@ -15,13 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import checkpoint, data, viz
-from fastvae.captured import CapturedStep
-from fastvae.config import Config
-from fastvae.errors import TrainingError
-from fastvae.evaluate import bernoulli_nll
+from fastvae import data, metrics, rundir, viz
+from fastvae.errors import ConfigError, FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState, checkpoint_config, read_checkpoint
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.csv"
@@ -32,18 +31,22 @@ LOSS_KEYS = ("discriminator", "disc_real", "disc_fake", "kl", "reconstruction", 
 METRIC_FIELDS = ("epoch", "steps") + LOSS_KEYS + ("test_bce", "test_mse", "seconds",
                                                   "samples_per_s")
 SHOWN = 64
-RESUMABLE = ("epochs", "backend", "cuda_graph")  # settings a resumed run may change
+MEMORY_ADVICE = "lower `latent_dim` or the layer widths"
+# settings a resumed run may change; changes of the last four are kept in the run's history
+RESUMABLE = ("epochs", "backend", "cuda_graph", "lr_encoder", "lr_decoder", "lr_discriminator",
+             "clip_grad_norm")
+RECORDED = RESUMABLE[3:]
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
-class Interrupted(Exception):
-    """Training stopped on request (Ctrl-C) after saving a checkpoint it can resume from."""
+class Interrupted(FastvaeError):
+    """Training stopped on request (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint it can
+    resume from; `signum` is the signal that asked (SIGINT when stopped by `request_stop`)."""
 
-
-def reconstruction_errors(model, images, batch_size=1000):
-    """Mean per-image BCE (nats) and per-pixel MSE of the model's reconstructions of `images`."""
-    recon = np.concatenate([model.reconstruct(images[start:start + batch_size])
-                            for start in range(0, len(images), batch_size)])
-    return float(np.mean(bernoulli_nll(images, recon))), float(np.mean((recon - images) ** 2))
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 def interpolation_rows(model, images, steps=10):
@@ -59,18 +62,22 @@ class Trainer:
 
     def __init__(self, config, run_dir, data_dir=None, download=True, progress=True,
                  log_every=50):
+        if not str(run_dir).strip():
+            raise TrainingError("the run directory is empty: name one with `run_dir`")
         self.config, self.run_dir = config, Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"run directory {self.run_dir} is a file: choose another --run-dir")
+            raise TrainingError(f"run directory {self.run_dir} is a file: choose another `run_dir`")
         self.data_dir, self.download = data_dir, download
         self.progress, self.log_every = progress, log_every
         self.model = None
-        self.step = None         # the training step function: the model's, or its CUDA graph
+        self.state = None        # the model's TrainState: optimizers, step counts, the step
         self.epoch = 0
         self.history = []        # running means every log_every steps: {"epoch": x, loss: value}
         self.metrics = []        # one row per epoch
         self.partial = None      # where an interrupted epoch stopped
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT
+        self.setting_changes = []  # {"epoch", "step", "setting", "from", "to"}: resumes changing one
         # the seed's third child stream: the model draws its weights and noise from the first two
         self.order_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])
 
@@ -85,7 +92,7 @@ class Trainer:
                                   self.config.test_limit or None)
         if len(train) < self.config.batch_size:
             raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
-                                f"{len(train)} training images: lower --batch-size")
+                                f"{len(train)} training images: lower `batch_size`")
         backend = self.model.backend
         self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
         self.test_images = data.to_unit_float(test, np, "float64")
@@ -93,31 +100,83 @@ class Trainer:
         self.prior_z = np.random.default_rng(self.config.seed).standard_normal(
             (SHOWN, self.config.latent_dim))
 
+    def _model_bytes(self):
+        """Memory of the model's parameters, gradients and two optimizer moments."""
+        return 4 * self.config.parameter_count() * np.dtype(self.config.dtype).itemsize
+
+    def check_memory(self):
+        """ConfigError when the model cannot fit in this machine's memory."""
+        needed, physical = self._model_bytes(), _physical_memory()
+        if physical and needed > physical:
+            raise ConfigError(f"the model needs about {needed / 1e9:.1f} GB, more than this "
+                              f"machine's {physical / 1e9:.1f} GB of memory: {MEMORY_ADVICE}")
+
+    def build_model(self):
+        """The model of self.config, refused up front when it cannot fit in memory."""
+        self.check_memory()
+        try:
+            return VAEGAN(self.config)
+        except MemoryError as error:
+            raise ConfigError(f"out of memory building the model (about "
+                              f"{self._model_bytes() / 1e9:.1f} GB of parameters and optimizer "
+                              f"state): {MEMORY_ADVICE}") from error
+
     def start(self, resume=False, overwrite=False):
-        """Build the model (so an unknown or missing backend is the first error), then restore
-        it and the run's state from the run's checkpoint when resuming."""
-        self.model = VAEGAN(self.config)
+        """Build the model (so an unknown or missing backend is the first error), restore it
+        and the run's state from the run's checkpoint when resuming, and prepare the step."""
+        self._check_resume(resume, overwrite)
+        self.model = self.build_model()
+        self.state = TrainState(self.model)
         self.config = self.model.config
         path = self.run_dir / CHECKPOINT
         if path.exists() and not (resume or overwrite):
-            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass --resume to "
-                                f"continue it, --overwrite to replace it, or another --run-dir")
-        if not (resume and path.exists()):
-            return
-        header, arrays = checkpoint.read(path)
-        saved = Config.from_dict(header["config"])
-        changed = [f"{key} {value!r} -> {getattr(self.config, key)!r}"
-                   for key, value in saved.to_dict().items()
-                   if key not in RESUMABLE and value != self.config.to_dict()[key]]
+            raise TrainingError(f"{self.run_dir} already holds a run ({path}): pass `resume` to "
+                                f"continue it, `overwrite` to replace it, or another `run_dir`")
+        if resume:
+            self.resume_from(path)
+        self.prepare_step()
+
+    def _check_resume(self, resume, overwrite):
+        """ConfigError or TrainingError when resume and overwrite cannot both be meant, or
+        when there is no checkpoint file to resume."""
+        path = self.run_dir / CHECKPOINT
+        if resume and overwrite:
+            raise ConfigError("`resume` and `overwrite` contradict each other: `resume` "
+                              "continues the run's checkpoint, `overwrite` replaces it; pass "
+                              "one", "overwrite")
+        if path.exists() and not path.is_file():
+            raise TrainingError(f"{path} is not a file, so it cannot be a checkpoint: move it "
+                                f"away or choose another `run_dir`")
+        if resume and not path.exists():
+            raise TrainingError(f"`resume`: {self.run_dir} holds no checkpoint to continue "
+                                f"(no {CHECKPOINT}): check `run_dir`, or drop `resume` to "
+                                f"start a new run")
+
+    def resume_from(self, path):
+        """The training state and the run's history from checkpoint `path`, whose settings
+        must be this run's (but for RESUMABLE ones; changes of RECORDED ones are listed)."""
+        header, arrays = read_checkpoint(path)
+        saved = checkpoint_config(header, path).to_dict()
+        now = self.config.to_dict()
+        changed = [f"{key} {value!r} -> {now[key]!r}" for key, value in saved.items()
+                   if key not in RESUMABLE and value != now[key]]
         if changed:
-            raise TrainingError(f"--resume continues {path} with its own settings, but these "
+            raise TrainingError(f"`resume` continues {path} with its own settings, but these "
                                 f"differ: {'; '.join(changed)}. Drop those flags, or train "
-                                f"into a new --run-dir")
-        checkpoint.restore(self.model, header, arrays, path)
-        extra = header["extra"]
+                                f"into a new `run_dir`")
+        extra = self.state.restore(header, arrays, path)
         self.epoch, self.history, self.metrics = extra["epoch"], extra["history"], extra["metrics"]
         self.order_rng.bit_generator.state = extra["order_rng"]
         self.partial = extra.get("partial")
+        self.setting_changes = extra.get("setting_changes", [])
+        step = (self.partial or {}).get("step", 0)
+        for key in RECORDED:
+            if saved[key] != now[key]:
+                self.setting_changes.append({"epoch": self.epoch, "step": step, "setting": key,
+                                             "from": saved[key], "to": now[key]})
+                if self.progress:
+                    tqdm.write(f"resuming with {key} {saved[key]!r} -> {now[key]!r} (kept in "
+                               f"the checkpoint's setting_changes)")
 
     # ----- loop -----
 
@@ -127,56 +186,62 @@ class Trainer:
         A run directory that already holds a checkpoint is refused unless `resume` (continue
         it) or `overwrite` (start again and replace it).
 
-        Ctrl-C (SIGINT) finishes the current step, saves a checkpoint there and raises
-        `Interrupted`; `--resume` then continues exactly as if nothing had happened.
+        One training at a time holds the run directory (a second is refused, naming the
+        first's process), and it is checked for writability and free space before any work.
+
+        Ctrl-C (SIGINT), SIGTERM and SIGHUP finish the current step, save a checkpoint there
+        and raise `Interrupted`; `resume` then continues exactly as if nothing had happened.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob(".*.tmp"):    # left by a process killed mid-write
-            stale.unlink()
-        self.start(resume, overwrite)
-        self.load_data()
-        if self.epoch == 0 and self.partial is None:
-            viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8, title="real test images")
-        with self._stop_on_sigint():
-            while self.epoch < self.config.epochs:
-                self.train_epoch()
-                self.write_outputs()
+        self._check_resume(resume, overwrite)   # before the run directory is made
+        self.check_memory()
+        checkpoint_bytes = 3 * self._model_bytes() // 4   # parameters and the moments
+        with rundir.claim(self.run_dir, 2 * checkpoint_bytes):
+            self.start(resume, overwrite)
+            rundir.remove_stale_temporaries(self.run_dir)
+            self.load_data()
+            if self.epoch == 0 and self.partial is None:
+                viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8,
+                              title="real test images")
+            with self._stop_on_signals():
+                while self.epoch < self.config.epochs:
+                    self.train_epoch()
+                    self.write_outputs()
         return self.metrics
 
-    def step_function(self):
-        """`model.train_step`, or on the cupy backend with noise drawn on the device (unless
-        config.cuda_graph is off) the same step recorded once as a CUDA graph and replayed."""
+    def prepare_step(self):
+        """On the cupy backend with noise drawn on the device (unless config.cuda_graph is
+        off), record the training step once as a CUDA graph that every step then replays."""
         backend = self.model.backend
         if (self.config.cuda_graph and hasattr(backend.ops, "capture_graph")
                 and backend.device_rng is not None):
-            return CapturedStep(self.model, self.config.batch_size).train_step
-        return self.model.train_step
+            self.state.capture_graph(self.config.batch_size)
 
-    def request_stop(self):
+    def request_stop(self, signum=signal.SIGINT):
         """Stop at the end of the current step, saving a checkpoint there."""
-        self.stop_requested = True
+        self.stop_requested, self.stop_signal = True, signum
 
     @contextlib.contextmanager
-    def _stop_on_sigint(self):
+    def _stop_on_signals(self):
+        """SIGINT, SIGTERM and SIGHUP request a stop; a second one acts as it would have."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
-            signal.signal(signal.SIGINT, previous)   # a second Ctrl-C stops at once
-            self.request_stop()
+            for number, handling in previous.items():   # a second signal stops at once
+                signal.signal(number, handling)
+            self.request_stop(signum)
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handling in previous.items():
+                signal.signal(number, handling)
 
     def train_epoch(self):
         """One pass over the shuffled training set (the rest of it, after a mid-epoch resume)."""
         batch_size = self.config.batch_size
-        if self.step is None:
-            self.step = self.step_function()
         steps = data.num_batches(len(self.train_images), batch_size)
         partial = self.partial or {}
         self.partial = None
@@ -192,7 +257,7 @@ class Trainer:
                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
         for step, batch in enumerate(bar, done + 1):
-            for key, value in self.step(batch).items():
+            for key, value in self.state.step(batch).items():
                 sums[key] = sums.get(key, 0.0) + value  # a new array: a graph reuses `value`
             count += 1
             if count == self.log_every or step == steps:
@@ -207,18 +272,21 @@ class Trainer:
                 sums, count = {}, 0
             if self.stop_requested and step < steps:
                 bar.close()
+                self._read_means(sums, count or 1, step)  # never save a diverged state
                 self.partial = {"order_rng": order_state, "step": step, "count": count,
                                 "sums": {key: float(value) for key, value in sums.items()},
                                 "epoch_sums": epoch_sums,
                                 "seconds": time.perf_counter() - started}
                 self.save_checkpoint()
-                raise Interrupted(f"interrupted at epoch {self.epoch + 1}, step {step} of "
-                                  f"{steps}; checkpoint saved in {self.run_dir}: continue "
-                                  f"with --resume")
+                raise Interrupted(f"{signal.Signals(self.stop_signal).name}: interrupted at "
+                                  f"epoch {self.epoch + 1}, step {step} of {steps}; checkpoint "
+                                  f"saved in {self.run_dir}: continue with `resume`",
+                                  self.stop_signal)
         bar.close()
         seconds = time.perf_counter() - started
         self.epoch += 1
-        test_bce, test_mse = reconstruction_errors(self.model, self.test_images)
+        test_bce, test_mse = (float(np.mean(errors)) for errors in
+                              metrics.reconstruction_errors(self.model, self.test_images))
         row = {"epoch": self.epoch, "steps": steps,
                **{key: epoch_sums.get(key, float("nan")) / steps for key in LOSS_KEYS},
                "test_bce": test_bce, "test_mse": test_mse, "seconds": seconds,
@@ -230,30 +298,34 @@ class Trainer:
         return row
 
     def _read_means(self, sums, count, step):
-        """Running means of the losses (the one host read per logging interval), checked."""
+        """Running means of the losses (the one host read per logging interval); TrainingError
+        if they or the parameters are not finite."""
         means = {key: float(value) / count for key, value in sums.items()}
         bad_losses = [key for key, value in means.items() if not math.isfinite(value)]
-        bad_networks = self.model.non_finite_networks()
+        bad_networks = self.state.non_finite_networks()
         if bad_losses or bad_networks:
             where = f"epoch {self.epoch + 1}, step {step}"
             what = (f"non-finite parameters in the {' and '.join(bad_networks)}" if bad_networks
                     else f"non-finite {', '.join(bad_losses)} loss")
-            rates = ", ".join(f"--lr-{name} {getattr(self.config, 'lr_' + name):g}"
+            rates = ", ".join(f"`lr_{name}` {getattr(self.config, 'lr_' + name):g}"
                               for name in (bad_networks or self.model.params))
-            kept = (f"the last good checkpoint (epoch {self.epoch}) is kept in {self.run_dir}"
-                    if self.epoch else "no checkpoint was written yet")
+            path = self.run_dir / CHECKPOINT
+            kept = (f"the last checkpoint, {path}, is kept (checked finite when saved): "
+                    f"`resume` continues it with the new setting" if path.is_file()
+                    else "no checkpoint was written yet")
             raise TrainingError(f"{what} at {where}: training diverged, most likely from a "
                                 f"learning rate too high ({rates}) - lower it, or set "
-                                f"--clip-grad-norm; {kept}")
+                                f"`clip_grad_norm`; {kept}")
         return means
 
     # ----- outputs -----
 
     def write_outputs(self):
-        """metrics.csv, the pictures and the checkpoint, each replaced atomically."""
+        """The checkpoint, metrics.csv and the pictures, each replaced atomically, in that
+        order: metrics.csv never lists an epoch the checkpoint does not hold."""
+        self.save_checkpoint()
         self.write_metrics()
         self.write_pictures()
-        self.save_checkpoint()
 
     def write_metrics(self):
         def write(file):
@@ -286,11 +358,20 @@ class Trainer:
 
     def save_checkpoint(self):
         extra = {"epoch": self.epoch, "history": self.history, "metrics": self.metrics,
-                 "order_rng": self.order_rng.bit_generator.state, "partial": self.partial}
-        self.model.save(self.run_dir / CHECKPOINT, extra)
+                 "order_rng": self.order_rng.bit_generator.state, "partial": self.partial,
+                 "setting_changes": self.setting_changes}
+        self.state.save(self.run_dir / CHECKPOINT, extra)
+
+
+def _physical_memory():
+    """Bytes of memory this machine has, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def saved_config(run_dir):
     """The Config of the checkpoint in `run_dir`, or None when there is none."""
     path = Path(run_dir) / CHECKPOINT
-    return Config.from_dict(checkpoint.read(path)[0]["config"]) if path.exists() else None
+    return checkpoint_config(read_checkpoint(path)[0], path) if path.exists() else None

@@ -1,9 +1,11 @@
 """PNG pictures of digits and training curves, written atomically."""
 
 import math
+import os
 
 import numpy as np
 
+from fastvae.errors import ImageError
 from fastvae.files import write_atomic
 
 
@@ -74,10 +76,25 @@ def _mosaic_picture(mosaic, title, scale):
     return titled
 
 
+def image_format(path):
+    """The PIL format a picture at `path` is written in: its suffix's (PNG when it has none)."""
+    from PIL import Image
+
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if not suffix:
+        return "PNG"
+    known = Image.registered_extensions()
+    if known.get(suffix) not in Image.SAVE:
+        raise ImageError(f"cannot write {path}: no image format that can be saved ends in "
+                         f"{suffix!r}; use .png (or .jpg, .gif, .bmp, .tif, .webp)")
+    return known[suffix]
+
+
 def _save_mosaic(path, mosaic, title, scale):
-    """Write a mosaic as a grayscale PNG at path, atomically."""
+    """Write a mosaic as a grayscale picture at path (format from its suffix), atomically."""
     picture = _mosaic_picture(mosaic, title, scale)
-    write_atomic(path, lambda handle: picture.save(handle, format="PNG"))
+    kind = image_format(path)
+    write_atomic(path, lambda handle: picture.save(handle, format=kind))
 
 
 def save_grid(path, images, ncols=None, title=None, scale=4, pad=2):

@@ -17,7 +17,10 @@ OPS = (
     "adam_update",
     "sgd_update",
 )
+# The activation table every backend and the config use: the names, each one's integer code
+# (its position; the fused kernels take the code) and the slope of leaky_relu.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 LEAKY_SLOPE = 0.2
 
 _MODULES = {
@@ -31,9 +34,31 @@ class BackendUnavailable(RuntimeError):
     """The backend's module or hardware is missing on this machine."""
 
 
+class UnknownBackend(KeyError):
+    """No backend module is registered under this name."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
 def register(name, module):
-    """Add a backend: `module` is a module object or an importable dotted path."""
+    """Add (or replace) a backend: `module` is a module object or an importable dotted path.
+    Returns what was registered under `name` before (None if nothing), to put back later."""
+    previous = _MODULES.get(name)
     _MODULES[name] = module
+    return previous
+
+
+def unregister(name):
+    """Remove backend `name`; a name not registered is ignored."""
+    _MODULES.pop(name, None)
+
+
+def registered(name):
+    """The module object or dotted path registered as backend `name`."""
+    if name not in _MODULES:
+        raise UnknownBackend(f"unknown backend {name!r}: choose one of {', '.join(_MODULES)}")
+    return _MODULES[name]
 
 
 def names():
@@ -43,9 +68,7 @@ def names():
 
 def load(name):
     """Import backend `name`, check it is usable here and implements every op."""
-    if name not in _MODULES:
-        raise KeyError(f"unknown backend {name!r}: choose one of {', '.join(_MODULES)}")
-    module = _MODULES[name]
+    module = registered(name)
     if isinstance(module, str):
         try:
             module = importlib.import_module(module)

@@ -36,6 +36,9 @@ import importlib.util
 
 import numpy as np
 
+from . import ACTIVATION_CODES as _CODES
+from . import LEAKY_SLOPE
+
 try:
     import cupy
 except Exception as error:  # ImportError, or a broken CUDA install: load() reports it
@@ -44,12 +47,9 @@ except Exception as error:  # ImportError, or a broken CUDA install: load() repo
 else:
     _IMPORT_ERROR = None
 
-LEAKY_SLOPE = 0.2
 xp = cupy
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
-_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
-          "tanh": TANH}
+IDENTITY = _CODES["identity"]
 CTYPES = {"float32": "float", "float64": "double"}
 
 THREADS = 256            # threads per block of the loss kernels (a multiple of 32)
@@ -72,13 +72,8 @@ def unavailable_reason():
 # ----------------------------------------------------------------------------- CUDA sources
 # Device functions shared by the activation kernels; `T` is typedef'd in front (CuPy puts the
 # typedef of an ElementwiseKernel's type placeholder before its preamble).
-ACTIVATION_PREAMBLE = r"""
-#define FV_IDENTITY 0
-#define FV_RELU 1
-#define FV_LEAKY_RELU 2
-#define FV_SIGMOID 3
-#define FV_TANH 4
-#define FV_LEAKY_SLOPE %(slope)r
+ACTIVATION_PREAMBLE = "".join(f"#define FV_{name.upper()} {code}\n"
+                              for name, code in _CODES.items()) + r"""#define FV_LEAKY_SLOPE %(slope)r
 
 /* Logistic function that never overflows: exp of -|v| only. */
 __device__ __forceinline__ T fv_sigmoid(T v) {

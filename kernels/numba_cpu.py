@@ -30,6 +30,9 @@ import math
 
 import numpy as np
 
+from . import ACTIVATION_CODES as _CODES
+from . import LEAKY_SLOPE
+
 try:
     import numba
     from llvmlite import ir
@@ -41,12 +44,10 @@ except ImportError as error:  # the module must import without numba; load() rep
 else:
     _IMPORT_ERROR = None
 
-LEAKY_SLOPE = 0.2
 xp = np
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = range(5)
-_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "sigmoid": SIGMOID,
-          "tanh": TANH}
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = (
+    _CODES[name] for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh"))
 
 
 def unavailable_reason():

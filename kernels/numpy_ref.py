@@ -9,7 +9,8 @@ Conventions shared by every backend:
 """
 import numpy as np
 
-LEAKY_SLOPE = 0.2
+from . import LEAKY_SLOPE
+
 xp = np
 
 

@@ -1,7 +1,10 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # the tests' own helpers (kernel_asserts)
 
 MNIST_DIR = Path(os.environ.get("FASTVAE_TEST_DATA",
                                 Path(__file__).resolve().parents[2] / "shared/data/mnist"))

@@ -27,15 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from kernel_asserts import assert_close, assert_loss_close, to_host
 
 from fastvae import gradcheck, kernels
 from fastvae.backend import Backend
-from fastvae.captured import CapturedStep
 from fastvae.config import Config
+from fastvae.errors import BackendUnavailable, ConfigError
 from fastvae.kernels import cupy_gpu
 from fastvae.kernels import numpy_ref as ref
 from fastvae.model import VAEGAN
-from fastvae.gradcheck import assert_close, assert_loss_close, to_host
+from fastvae.state import TrainState, read_checkpoint
 from fastvae.trainer import Trainer
 
 DTYPES = ("float32", "float64")
@@ -76,7 +77,7 @@ def test_module_imports_without_cupy(monkeypatch):
     tested with the other backends in test_kernels.py)."""
     path = importlib.util.find_spec("fastvae.kernels.cupy_gpu").origin
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
-    spec = importlib.util.spec_from_file_location("_cupy_gpu_without_cupy", path)
+    spec = importlib.util.spec_from_file_location("fastvae.kernels._cupy_gpu_without_cupy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.xp is None
@@ -103,7 +104,7 @@ def test_load_without_a_gpu_raises_backend_unavailable():
     assert "backend 'cupy' is not available" in message
     assert "no CUDA GPU is visible" in message and "--backend numpy" in message
     assert "cupy" not in kernels.available()
-    with pytest.raises(kernels.BackendUnavailable):
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible"):
         Backend("cupy")
 
 
@@ -478,8 +479,9 @@ def emulated(monkeypatch, cpu_libraries):
         cpu_libraries[("raw", None, dtype)], name))
     module = types.SimpleNamespace(xp=np, unavailable_reason=lambda: None,
                                    **{op: getattr(cupy_gpu, op) for op in kernels.OPS})
-    monkeypatch.setitem(kernels._MODULES, "cupy-emulated", module)
-    return "cupy-emulated"
+    kernels.register("cupy-emulated", module)
+    yield "cupy-emulated"
+    kernels.unregister("cupy-emulated")
 
 
 @pytest.fixture
@@ -604,11 +606,12 @@ def test_training_matches_numpy(backend_name, dtype, overrides):
     config = Config(image_size=20, latent_dim=4, encoder_widths=(16,), decoder_widths=(12,),
                     discriminator_widths=(10, 6), dtype=dtype, seed=5, device_noise=False,
                     **overrides)
-    models = [VAEGAN(config, name) for name in ("numpy", backend_name)]
+    states = [TrainState(VAEGAN(config, name)) for name in ("numpy", backend_name)]
+    models = [state.model for state in states]
     batches = np.random.default_rng(0).uniform(0.05, 0.95, (4, 8, config.image_size))
     tol = {"float32": 2e-4, "float64": 1e-9}[dtype]
     for batch in batches:
-        want, got = (m.train_step(m.backend.asarray(batch)) for m in models)
+        want, got = (state.step(state.backend.asarray(batch)) for state in states)
         assert set(want) == set(got)
         for key in want:
             assert to_host(got[key]).shape == ()
@@ -636,7 +639,7 @@ def test_model_gradients_match_finite_differences(backend_name):
     grads = {name: to_host(grad).copy() for name, grad in model.grads.items()}
     for name, params in model.params.items():
         coords = rng.choice(params.size, 25, replace=False)
-        numeric = gradcheck.numeric_gradient(lambda: float(to_host(losses()[name])), params, coords,
+        numeric = gradcheck.numeric_gradient(lambda name=name: float(to_host(losses()[name])), params, coords,
                                              gradcheck.MODEL_STEP)
         error = gradcheck.relative_error(grads[name][coords], numeric)
         assert error < gradcheck.TOLERANCE, (name, error)
@@ -689,25 +692,27 @@ GRAPH_CASES = {"vaegan-pixel": {}, "vaegan-feature": {"reconstruction": "feature
 
 
 def assert_steps_agree(eager, captured, batches, to_device, tol):
-    """The eager model and the captured step give the same losses, weights and step counts."""
+    """An eager TrainState and one replaying its graph give the same losses, weights and step
+    counts."""
+    assert eager.graph is None and captured.graph is not None
     for batch in batches:
         x = to_device(batch)
-        want = {key: float(to_host(value)) for key, value in eager.train_step(x).items()}
-        got = {key: float(to_host(value)) for key, value in captured.train_step(x).items()}
+        want = {key: float(to_host(value)) for key, value in eager.step(x).items()}
+        got = {key: float(to_host(value)) for key, value in captured.step(x).items()}
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=tol, atol=tol, err_msg=key)
-    for name, optimizer in eager.optimizers.items():
-        np.testing.assert_allclose(to_host(captured.model.params[name]), to_host(eager.params[name]),
+    for name, params in eager.model.params.items():
+        np.testing.assert_allclose(to_host(captured.model.params[name]), to_host(params),
                                    rtol=tol, atol=tol, err_msg=name)
-        assert captured.model.optimizers[name].step_count == optimizer.step_count == len(batches)
+        assert captured.steps[name] == eager.steps[name] == len(batches)
 
 
 @pytest.fixture
 def emulated_graphs(emulated, monkeypatch):
     """The emulated backend with ReplayByCalling for graphs and a NumPy generator as its
     "device" noise; returns the backend name."""
-    module = kernels._MODULES[emulated]
+    module = kernels.registered(emulated)
     monkeypatch.setattr(module, "capture_graph", ReplayByCalling, raising=False)
     monkeypatch.setattr(module, "make_generator", np.random.default_rng, raising=False)
     monkeypatch.setattr(module, "standard_normal", lambda generator, out: generator.standard_normal(
@@ -717,28 +722,54 @@ def emulated_graphs(emulated, monkeypatch):
 
 @pytest.mark.parametrize("overrides", GRAPH_CASES.values(), ids=GRAPH_CASES.keys())
 def test_captured_step_logic_on_the_cpu(emulated_graphs, overrides):
-    """CapturedStep's host side with the CUDA sources on the CPU: its warm-up leaves weights,
+    """The graph's host side with the CUDA sources on the CPU: its warm-up leaves weights,
     optimizer state and noise as they were, and Adam's device-side step count gives the eager
     model's updates."""
     config = small_graph_config(**overrides)
-    eager, graphed = VAEGAN(config, emulated_graphs), VAEGAN(config, emulated_graphs)
-    assert graphed.backend.device_rng is not None
-    captured = CapturedStep(graphed, 16)
+    eager = TrainState(VAEGAN(config, emulated_graphs))
+    captured = TrainState(VAEGAN(config, emulated_graphs))
+    assert captured.backend.device_rng is not None
+    captured.capture_graph(16)
     batches = np.random.default_rng(0).random((4, 16, config.image_size))
-    assert_steps_agree(eager, captured, batches, graphed.backend.asarray, 1e-5)
+    assert_steps_agree(eager, captured, batches, captured.backend.asarray, 1e-5)
     with pytest.raises(ValueError, match="batches of shape"):
-        captured.train_step(graphed.backend.asarray(batches[0][:8]))
+        captured.step(captured.backend.asarray(batches[0][:8]))
+
+
+def test_a_restored_graphed_state_continues_as_the_eager_one(emulated_graphs, tmp_path):
+    """A checkpoint restored into a state that replays a graph sets the device step counts:
+    the replayed updates continue as the eager state's (Adam's bias correction included)."""
+    config = small_graph_config()
+    batches = np.random.default_rng(1).random((5, 16, config.image_size))
+    eager = TrainState(VAEGAN(config, emulated_graphs))
+    for batch in batches[:3]:
+        eager.step(eager.backend.asarray(batch))
+    eager.save(tmp_path / "three.npz")
+    captured = TrainState(VAEGAN(config, emulated_graphs)).capture_graph(16)
+    header, arrays = read_checkpoint(tmp_path / "three.npz")
+    captured.restore(header, arrays)
+    captured.backend.device_rng = np.random.default_rng(9)
+    eager.backend.device_rng = np.random.default_rng(9)
+    assert captured.steps == eager.steps == {name: 3 for name in eager.optimizers}
+    for batch in batches[3:]:
+        x = eager.backend.asarray(batch)
+        want, got = eager.step(x), captured.step(x)
+        for key in want:
+            np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, err_msg=key)
+    for name, params in eager.model.params.items():
+        np.testing.assert_allclose(captured.model.params[name], params, rtol=1e-5, atol=1e-6)
 
 
 def test_captured_step_needs_the_cupy_backend():
-    with pytest.raises(ValueError, match="CUDA graphs need the cupy backend"):
-        CapturedStep(VAEGAN(small_graph_config(), "numpy"), 8)
+    with pytest.raises(ConfigError, match="CUDA graphs need the cupy backend"):
+        TrainState(VAEGAN(small_graph_config(), "numpy")).capture_graph(8)
 
 
 def test_captured_step_needs_device_noise(emulated_graphs):
     """Host-drawn noise would be copied once at recording and replayed stale: refused."""
-    with pytest.raises(ValueError, match="noise must be drawn on the device"):
-        CapturedStep(VAEGAN(small_graph_config(device_noise=False), emulated_graphs), 8)
+    state = TrainState(VAEGAN(small_graph_config(device_noise=False), emulated_graphs))
+    with pytest.raises(ConfigError, match="noise must be drawn on the device"):
+        state.capture_graph(8)
 
 
 def test_trainer_replays_a_graph_only_with_device_noise(emulated_graphs, tmp_path):
@@ -748,8 +779,7 @@ def test_trainer_replays_a_graph_only_with_device_noise(emulated_graphs, tmp_pat
                                     device_noise=device_noise, cuda_graph=cuda_graph)
         trainer = Trainer(config, tmp_path / f"{device_noise}-{cuda_graph}")
         trainer.start()
-        step = trainer.step_function()
-        assert isinstance(getattr(step, "__self__", None), CapturedStep) == graphed
+        assert (trainer.state.graph is not None) == graphed
 
 
 # ----------------------------------------------------------------------------- GPU only
@@ -764,10 +794,10 @@ def test_graph_replay_matches_the_eager_step(overrides):
     """A recorded step replayed gives the eager step's losses and weights, step after step
     (the same seeds, so the same device noise), and counts the optimizers' steps."""
     config = small_graph_config(**overrides)
-    eager, graphed = VAEGAN(config, "cupy"), VAEGAN(config, "cupy")
-    captured = CapturedStep(graphed, 32)
+    eager = TrainState(VAEGAN(config, "cupy"))
+    captured = TrainState(VAEGAN(config, "cupy")).capture_graph(32)
     batches = np.random.default_rng(0).random((6, 32, config.image_size))
-    assert_steps_agree(eager, captured, batches, graphed.backend.asarray, 1e-5)
+    assert_steps_agree(eager, captured, batches, captured.backend.asarray, 1e-5)
 
 
 @needs_gpu
@@ -776,9 +806,11 @@ def test_memory_pool_stays_flat(graph):
     """After the first steps, training allocates no new device memory: CuPy's pool holds as
     much, and hands out as much, after 100 more steps (losses added up as the trainer does)."""
     pool = CUPY.get_default_memory_pool()
-    model = VAEGAN(Config(batch_size=64), "cupy")
-    step = CapturedStep(model, 64).train_step if graph else model.train_step
-    x = model.backend.asarray(np.random.default_rng(0).random((64, 784)))
+    state = TrainState(VAEGAN(Config(batch_size=64), "cupy"))
+    if graph:
+        state.capture_graph(64)
+    step = state.step
+    x = state.backend.asarray(np.random.default_rng(0).random((64, 784)))
     sums = {}
 
     def run(steps):
@@ -804,16 +836,16 @@ def test_training_with_and_without_the_graph_agrees(tmp_path, mnist_dir):
         trainer = Trainer(config.replace(cuda_graph=graph), tmp_path / f"graph-{graph}",
                           data_dir=mnist_dir, download=False, progress=False)
         runs[graph] = trainer.fit()
-        assert isinstance(trainer.step.__self__, CapturedStep) == graph
+        assert (trainer.state.graph is not None) == graph
     for want, got in zip(runs[False], runs[True]):
         for key in ("reconstruction", "kl", "discriminator", "adversarial", "test_bce"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
-    restored = VAEGAN.load(tmp_path / "graph-True" / "checkpoint.npz", backend="numpy")
-    assert all(opt.step_count == 20 for opt in restored.optimizers.values())
+    restored, _ = TrainState.load(tmp_path / "graph-True" / "checkpoint.npz", backend="numpy")
+    assert all(count == 20 for count in restored.steps.values())
     restored.save(tmp_path / "from-numpy.npz")
-    on_gpu = VAEGAN.load(tmp_path / "from-numpy.npz", backend="cupy")
-    for name, params in restored.params.items():
-        np.testing.assert_array_equal(on_gpu.params[name].get(), params, err_msg=name)
+    on_gpu, _ = TrainState.load(tmp_path / "from-numpy.npz", backend="cupy")
+    for name, params in restored.model.params.items():
+        np.testing.assert_array_equal(on_gpu.model.params[name].get(), params, err_msg=name)
         np.testing.assert_array_equal(on_gpu.optimizers[name].exp_avg_sq.get(),
                                       restored.optimizers[name].exp_avg_sq, err_msg=name)
 

@@ -263,7 +263,7 @@ def test_all_mirrors_failing_names_them_and_the_way_out(tiny, http_mirror, tmp_p
         data.find_or_fetch("tiny", cache, mirrors=mirrors)
     message = str(error.value)
     assert all(mirror in message for mirror in mirrors)
-    assert "FASTVAE_DATA" in message and "--data-dir" in message
+    assert "FASTVAE_DATA" in message and "`data_dir`" in message
     assert list(cache.iterdir()) == []
 
 
@@ -382,3 +382,51 @@ def test_num_batches():
     assert data.num_batches(2, 3) == 0
     with pytest.raises(ValueError):
         data.num_batches(10, 0)
+
+
+def test_another_datasets_good_files_are_passed_over_not_condemned(tiny, tmp_path, monkeypatch):
+    """MNIST files where Fashion-MNIST was asked for: named as such, never "delete it", and
+    the dataset's own package folder is tried next."""
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(1)
+    splits = {prefix: write_tiny_split(other, prefix, rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+                                       rng.integers(0, 10, 3, dtype=np.uint8))
+              for prefix in ("train", "t10k")}
+    monkeypatch.setitem(data.DATASETS, "other", data.DatasetSpec(
+        train=splits["train"], test=splits["t10k"], mirrors=(), local_dirs=(str(other),)))
+    images, _ = data.load_split("other", "test", data_dir=tiny.source, download=False)
+    assert images.shape == (3, 28, 28)                  # tiny's folder skipped, the package one used
+    monkeypatch.setitem(data.DATASETS, "other", data.DatasetSpec(
+        train=splits["train"], test=splits["t10k"], mirrors=(), install_hint="install it"))
+    for call in (lambda: data.load_split("other", "test", data_dir=tiny.source),
+                 lambda: data.find_or_fetch("other", tiny.source)):
+        with pytest.raises(data.DataError) as error:
+            call()
+        message = str(error.value)
+        assert "a good file of the tiny dataset" in message and "install it" in message
+        assert "delete" not in message and "checksum" not in message
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(tiny, monkeypatch):
+    """A .gz that decompresses past its file's known size stops being read there."""
+    labels = tiny.source / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(labels, "wb") as stream:
+        for _ in range(64):
+            stream.write(bytes(1 << 20))                # 64 MiB of zeros, 64 KiB compressed
+    spec = tiny.spec
+    sized = data.SplitFiles(spec.test.images, data.IdxFile(spec.test.labels.name,
+                                                           spec.test.labels.md5, 8 + 4))
+    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(spec.train, sized, mirrors=()))
+    chunks = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read",
+                        lambda self, size=-1: chunks.append(size) or real_read(self, size))
+    with pytest.raises(data.DataError, match="holds more than the 12 bytes its file has"):
+        data.load_split("tiny", "test", data_dir=tiny.source, download=False)
+    assert len(chunks) <= 2                             # one chunk read, not 64
+
+
+def test_real_dataset_files_declare_their_sizes():
+    for spec in data.DATASETS.values():
+        assert [f.size for f in spec.files] == [47040016, 60008, 7840016, 10008]

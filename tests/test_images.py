@@ -96,7 +96,8 @@ def write_tiny(path):
 
 @pytest.mark.parametrize(
     ("make", "phrase"),
-    [(write_blank, "blank"), (write_text, "not a readable image"), (write_tiny, "at least 8x8"), (None, "No image file")],
+    [(write_blank, "blank"), (write_text, "not a readable image"), (write_tiny, "at least 8x8"),
+     (None, "No image file")],
 )
 def test_unusable_images_raise_image_error_naming_the_file(tmp_path, make, phrase):
     path = tmp_path / "digit.png"

@@ -12,9 +12,11 @@ import types
 
 import numpy as np
 import pytest
+from kernel_asserts import assert_close, assert_loss_close, to_host
 
 from fastvae import kernels
-from fastvae.gradcheck import assert_close, assert_loss_close, to_host
+from fastvae.backend import Backend
+from fastvae.errors import BackendUnavailable
 from fastvae.kernels import numpy_ref as ref
 
 BACKENDS = [name for name in kernels.available() if name != "numpy"]
@@ -397,25 +399,19 @@ def test_steady_state_allocates_no_arrays(ops):
 
 
 # ----------------------------------------------------------------------------- the table
-@pytest.fixture
-def registry():
-    saved = dict(kernels._MODULES)
-    try:
-        yield kernels
-    finally:
-        kernels._MODULES.clear()
-        kernels._MODULES.update(saved)
-
-
-def test_backend_lacking_an_op_is_refused(registry):
+def test_backend_lacking_an_op_is_refused():
     partial = types.SimpleNamespace(
         xp=np, unavailable_reason=lambda: None,
         **{op: getattr(ref, op) for op in kernels.OPS if op != "kl_reparam_backward"},
     )
-    registry.register("partial", partial)
-    with pytest.raises(TypeError, match="kl_reparam_backward"):
-        registry.load("partial")
-    assert "partial" not in registry.available()
+    kernels.register("partial", partial)
+    try:
+        with pytest.raises(TypeError, match="kl_reparam_backward"):
+            kernels.load("partial")
+        assert "partial" not in kernels.available()
+    finally:
+        kernels.unregister("partial")
+    assert "partial" not in kernels.names()
 
 
 @pytest.mark.parametrize("backend, dependency, message", [
@@ -424,13 +420,19 @@ def test_backend_lacking_an_op_is_refused(registry):
 ])
 def test_backend_module_imports_without_its_library(backend, dependency, message, monkeypatch):
     """Without its library a backend module still imports, and loading it says how to install."""
-    path = importlib.util.find_spec(kernels._MODULES[backend]).origin
+    path = importlib.util.find_spec(kernels.registered(backend)).origin
     monkeypatch.setitem(sys.modules, dependency, None)  # `import <dependency>` now fails
-    spec = importlib.util.spec_from_file_location(f"_{backend}_without_{dependency}", path)
+    spec = importlib.util.spec_from_file_location(
+        f"fastvae.kernels._{backend}_without_{dependency}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.unavailable_reason().startswith(message)
     assert all(callable(getattr(module, op)) for op in kernels.OPS)
-    monkeypatch.setitem(kernels._MODULES, backend, module)
-    with pytest.raises(kernels.BackendUnavailable, match=message.split(":")[0]):
-        kernels.load(backend)
+    previous = kernels.register(backend, module)
+    try:
+        with pytest.raises(kernels.BackendUnavailable, match=message.split(":")[0]):
+            kernels.load(backend)
+        with pytest.raises(BackendUnavailable, match=message.split(":")[0]):
+            Backend(backend)                 # fastvae's own error, from the kernels' one
+    finally:
+        kernels.register(backend, previous)

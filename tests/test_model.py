@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from fastvae import Backend, gradcheck, kernels
-from fastvae.checkpoint import CheckpointError
 from fastvae.config import Config
+from fastvae.errors import CheckpointError
 from fastvae.kernels import numpy_ref
 from fastvae.model import VAEGAN
+from fastvae.state import TrainState, load_model
 
 
 @pytest.mark.parametrize("overrides", [
@@ -26,13 +27,13 @@ def test_each_networks_gradient_of_its_own_loss_matches_finite_differences(overr
 def test_adversarial_loss_never_reaches_the_encoder():
     """Encoder gradients are those of KL + reconstruction alone, whatever gamma does elsewhere."""
     rng = np.random.default_rng(0)
+    config = gradcheck.small_config()
+    x = rng.uniform(size=(4, config.image_size))
+    eps = rng.standard_normal((4, config.latent_dim))
+    prior = rng.standard_normal((4, config.latent_dim))
     grads = []
     for gamma in (0.3, 3.0):
-        config = gradcheck.small_config(gamma=gamma)
-        model = VAEGAN(config, Backend("numpy", "float64"))
-        x = rng.uniform(size=(4, config.image_size)) if not grads else x
-        eps = rng.standard_normal((4, config.latent_dim)) if not grads else eps
-        prior = rng.standard_normal((4, config.latent_dim)) if not grads else prior
+        model = VAEGAN(config.replace(gamma=gamma), Backend("numpy", "float64"))
         model.compute_gradients(x, eps, prior)
         grads.append({name: np.array(g) for name, g in model.grads.items()})
     np.testing.assert_allclose(grads[0]["encoder"], grads[1]["encoder"], rtol=1e-12)
@@ -42,13 +43,14 @@ def test_adversarial_loss_never_reaches_the_encoder():
 
 def _train(subset, steps, batch=64, **overrides):
     model = VAEGAN(Config(seed=0, **overrides))
+    state = TrainState(model)
     rng = np.random.default_rng(0)
     history = []
     while len(history) < steps:
         order = rng.permutation(len(subset))
         for start in range(0, len(subset) - batch + 1, batch):
             x = model.backend.asarray(subset[order[start:start + batch]])
-            history.append({k: float(v) for k, v in model.train_step(x).items()})
+            history.append({k: float(v) for k, v in state.step(x).items()})
             if len(history) == steps:
                 break
     return model, history
@@ -70,8 +72,7 @@ def test_same_seed_gives_identical_losses(mnist_subset):
     _, first = _train(mnist_subset[:512], 12)
     _, second = _train(mnist_subset[:512], 12)
     assert first == second
-    third = VAEGAN(Config(seed=1)).train_step(
-        Backend().asarray(mnist_subset[:64]))
+    third = TrainState(VAEGAN(Config(seed=1))).step(Backend().asarray(mnist_subset[:64]))
     assert float(third["reconstruction"]) != first[0]["reconstruction"]
 
 
@@ -90,16 +91,16 @@ def test_an_extra_backend_needs_no_change_to_layers_or_model(mnist_subset):
     try:
         assert "counting" in kernels.available()
         x = mnist_subset[:32]
-        reference = VAEGAN(Config(seed=5), "numpy")
-        extra = VAEGAN(Config(seed=5), "counting")
+        reference = TrainState(VAEGAN(Config(seed=5), "numpy"))
+        extra = TrainState(VAEGAN(Config(seed=5), "counting"))
         for _ in range(3):
-            want = reference.train_step(reference.backend.asarray(x))
-            got = extra.train_step(extra.backend.asarray(x))
+            want = reference.step(reference.backend.asarray(x))
+            got = extra.step(extra.backend.asarray(x))
         assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}
         assert set(calls) >= {"dense_forward", "dense_backward", "bce_with_logits",
                               "kl_reparam_forward", "kl_reparam_backward", "adam_update"}
     finally:
-        kernels._MODULES.pop("counting")
+        kernels.unregister("counting")
 
 
 def test_unknown_backend_names_the_available_ones():
@@ -139,29 +140,29 @@ def test_inference_api_takes_and_returns_numpy(mnist_subset):
 
 def test_checkpoint_round_trip_continues_training_identically(tmp_path, mnist_subset):
     x = mnist_subset[:64]
-    model = VAEGAN(Config(seed=2))
-    model.train_step(model.backend.asarray(x))
-    model.save(tmp_path / "a.npz", extra={"epoch": 1})
-    restored = VAEGAN.load(tmp_path / "a.npz")
-    assert restored.config == model.config
-    want = model.train_step(model.backend.asarray(x))
-    got = restored.train_step(restored.backend.asarray(x))
+    state = TrainState(VAEGAN(Config(seed=2)))
+    state.step(state.backend.asarray(x))
+    state.save(tmp_path / "a.npz", extra={"epoch": 1})
+    restored, extra = TrainState.load(tmp_path / "a.npz")
+    assert restored.model.config == state.model.config and extra == {"epoch": 1}
+    assert restored.steps == state.steps == {name: 1 for name in state.optimizers}
+    want = state.step(state.backend.asarray(x))
+    got = restored.step(restored.backend.asarray(x))
     assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}
 
 
 def test_damaged_checkpoints_are_refused_clearly(tmp_path):
-    model = VAEGAN(gradcheck.small_config(dtype="float32"))
     path = tmp_path / "model.npz"
-    model.save(path)
+    TrainState(VAEGAN(gradcheck.small_config(dtype="float32"))).save(path)
     data = path.read_bytes()
     (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        VAEGAN.load(tmp_path / "truncated.npz")
+        load_model(tmp_path / "truncated.npz")
     np.savez(tmp_path / "foreign.npz", weights=np.zeros(3))
     with pytest.raises(CheckpointError, match="not a fastvae checkpoint"):
-        VAEGAN.load(tmp_path / "foreign.npz")
+        load_model(tmp_path / "foreign.npz")
     with pytest.raises(CheckpointError, match="does not exist"):
-        VAEGAN.load(tmp_path / "missing.npz")
+        load_model(tmp_path / "missing.npz")
     assert list(tmp_path.glob(".*tmp")) == []
 
 
@@ -169,14 +170,14 @@ def test_numba_training_step_allocates_nothing_of_array_size_in_steady_state():
     import tracemalloc
     if "numba" not in kernels.available():
         pytest.skip("numba is not installed")
-    model = VAEGAN(Config(seed=0), "numba")
-    x = model.backend.asarray(np.random.default_rng(0).random((128, 784)))
+    state = TrainState(VAEGAN(Config(seed=0), "numba"))
+    x = state.backend.asarray(np.random.default_rng(0).random((128, 784)))
     for _ in range(3):
-        model.train_step(x)                      # compile, allocate every buffer once
+        state.step(x)                            # compile, allocate every buffer once
     tracemalloc.start()
     try:
         for _ in range(3):
-            model.train_step(x)
+            state.step(x)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -188,9 +189,8 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
     import io
     import json
     import zipfile
-    model = VAEGAN(gradcheck.small_config(dtype="float32"))
     path = tmp_path / "model.npz"
-    model.save(path)
+    TrainState(VAEGAN(gradcheck.small_config(dtype="float32"))).save(path)
 
     def rewrite(target, change):
         """Copy the checkpoint with its header or one array changed, zip checksums intact."""
@@ -207,7 +207,7 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
 
     rewrite(tmp_path / "flipped.npz", flip_a_parameter)
     with pytest.raises(CheckpointError, match="corrupted"):
-        VAEGAN.load(tmp_path / "flipped.npz")
+        load_model(tmp_path / "flipped.npz")
 
     def other_architecture(arrays):
         header = json.loads(arrays["header"].tobytes())
@@ -216,13 +216,13 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
 
     rewrite(tmp_path / "other.npz", other_architecture)
     with pytest.raises(CheckpointError, match="does not fit this model: params/encoder"):
-        VAEGAN.load(tmp_path / "other.npz")
+        load_model(tmp_path / "other.npz")
 
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF                       # damage inside the zip: its CRC fails
     (tmp_path / "damaged.npz").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError):
-        VAEGAN.load(tmp_path / "damaged.npz")
+        load_model(tmp_path / "damaged.npz")
     assert zipfile.is_zipfile(path)
 
 
@@ -243,15 +243,15 @@ def test_a_backend_with_a_device_generator_draws_the_noise_there():
         x = np.random.default_rng(0).random((8, 12))
         config = gradcheck.small_config(dtype="float32", seed=3)
         on_device = VAEGAN(config, "device-rng")
-        on_device.train_step(on_device.backend.asarray(x))
+        on_device.compute_gradients(on_device.backend.asarray(x))
         assert drawn == [(8, 3), (8, 3)]                  # eps and the prior samples
         host = VAEGAN(config.replace(device_noise=False), "device-rng")
         reference = VAEGAN(config, "numpy")
-        got = host.train_step(host.backend.asarray(x))
-        want = reference.train_step(reference.backend.asarray(x))
+        got = host.compute_gradients(host.backend.asarray(x))
+        want = reference.compute_gradients(reference.backend.asarray(x))
         assert len(drawn) == 2 and float(got["kl"]) == float(want["kl"])
     finally:
-        kernels._MODULES.pop("device-rng")
+        kernels.unregister("device-rng")
 
 
 def test_boolean_settings_have_on_and_off_flags():
@@ -272,4 +272,4 @@ def test_the_default_backend_switch_reaches_a_model_built_without_one():
         assert model.backend.name == model.config.backend == backend
         assert VAEGAN(gradcheck.small_config(dtype="float32")).backend.name == "numpy"
     finally:
-        kernels._MODULES.pop("counting-default", None)
+        kernels.unregister("counting-default")

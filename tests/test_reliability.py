@@ -8,8 +8,8 @@ import time
 import pytest
 
 from fastvae import cli
-from fastvae.checkpoint import read
-from fastvae.model import VAEGAN
+from fastvae.state import TrainState, load_model
+from fastvae.state import read_checkpoint as read
 from fastvae.trainer import CHECKPOINT, Interrupted, Trainer
 
 SMALL = dict(train_limit=320, test_limit=64, batch_size=32, latent_dim=8,
@@ -34,18 +34,18 @@ def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mnist_dir, monkey
     expected = straight.fit()
 
     stopped = Trainer(_config(epochs=2), tmp_path / "b", mnist_dir, progress=False, log_every=4)
-    original_step, calls = VAEGAN.train_step, []
+    original_step, calls = TrainState.step, []
 
-    def step_then_stop(model, x):
+    def step_then_stop(state, x):
         calls.append(1)
         if len(calls) == 13:          # epoch 2 (10 steps an epoch), mid logging interval
             stopped.request_stop()
-        return original_step(model, x)
+        return original_step(state, x)
 
-    monkeypatch.setattr(VAEGAN, "train_step", step_then_stop)
+    monkeypatch.setattr(TrainState, "step", step_then_stop)
     with pytest.raises(Interrupted, match="epoch 2, step 3 of 10"):
         stopped.fit()
-    monkeypatch.setattr(VAEGAN, "train_step", original_step)
+    monkeypatch.setattr(TrainState, "step", original_step)
     resumed = Trainer(_config(epochs=2), tmp_path / "b", mnist_dir, progress=False, log_every=4)
     assert _without_timing(resumed.fit(resume=True)) == _without_timing(expected)
     assert resumed.history == straight.history
@@ -67,12 +67,13 @@ def _wait_for(path, process, timeout=60):
         time.sleep(0.05)
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, mnist_dir):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_sigterm_and_sighup_save_a_checkpoint_that_resumes(tmp_path, mnist_dir, stop):
     process = _train_process(tmp_path, mnist_dir, epochs=200)
     _wait_for(tmp_path / CHECKPOINT, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == 128 + getattr(signal, stop), err   # 130, 143, 129
     assert "checkpoint saved" in err and "Traceback" not in err
     header, _ = read(tmp_path / CHECKPOINT)
     epoch = header["extra"]["epoch"]
@@ -84,11 +85,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, mnist_dir):
 def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     script = ("import sys\n"
               "from fastvae.model import VAEGAN\n"
+              "from fastvae.state import TrainState\n"
               "from fastvae.gradcheck import small_config\n"
-              "model = VAEGAN(small_config(dtype='float32', encoder_widths=(400, 400)))\n"
-              "model.save(sys.argv[1]); print('saved', flush=True)\n"
+              "state = TrainState(VAEGAN(small_config(dtype='float32', encoder_widths=(400, 400))))\n"
+              "state.save(sys.argv[1]); print('saved', flush=True)\n"
               "while True:\n"
-              "    model.save(sys.argv[1])\n")
+              "    state.save(sys.argv[1])\n")
     path = tmp_path / "model.npz"
     for delay in (0.05, 0.13, 0.31):
         process = subprocess.Popen([sys.executable, "-c", script, str(path)],
@@ -97,7 +99,7 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(delay)
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        VAEGAN.load(path)                  # complete and checksum-verified
+        load_model(path)                   # complete and checksum-verified
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "model.npz"]
     assert all(name.endswith(".tmp") for name in leftovers)
 
@@ -114,7 +116,7 @@ FLAG_VALUES = {
 
 
 def test_no_train_arguments_end_in_a_traceback(tmp_path):
-    from hypothesis import given, settings, HealthCheck
+    from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     empty_data = tmp_path / "no-data"
