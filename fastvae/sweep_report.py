@@ -105,8 +105,10 @@ def write_csv(path, rows):
 
 
 def label(row, settings):
-    """A point's settings in a few characters: `γ=0.12 z=32`."""
-    return " ".join(f"{SHORT.get(p.name, p.name)}={_number(row[p.name])}" for p in settings.space)
+    """A point's settings in a few characters: `#3 γ=0.12 z=32`."""
+    short = lambda value: f"{value:.2g}" if isinstance(value, float) else str(value)
+    return f"#{row['trial']} " + " ".join(f"{SHORT.get(p.name, p.name)}={short(row[p.name])}"
+                                          for p in settings.space)
 
 
 def plot_front(path, rows, settings):
@@ -131,11 +133,15 @@ def plot_front(path, rows, settings):
     axes.plot([r[x_key] for r in front], [r[y_key] for r in front], "o-", color="C3",
               label="Pareto front" if len(objectives) > 1 else "best")
     for row in done:
-        axes.annotate(label(row, settings), (row[x_key], row[y_key]), fontsize=7,
+        axes.annotate(label(row, settings), (row[x_key], row[y_key]), fontsize=6,
                       xytext=(4, 3), textcoords="offset points",
                       color="C3" if row["rank"] == 1 else "0.35")
     axes.set_xlabel(f"{x_key} ({objectives[0].direction[:3]})" if x_key != "trial" else "trial")
     axes.set_ylabel(f"{y_key} ({objectives[-1].direction[:3]})")
+    if all(row[key] > 0 for row in done for key in (x_key, y_key) if key != "trial"):
+        axes.set_yscale("log")            # a few bad trials must not squash the front
+        if x_key != "trial":
+            axes.set_xscale("log")
     axes.set_title(f"{len(done)} trials, {len(front)} on the Pareto front")
     axes.grid(True, alpha=0.3)
     axes.legend()
