@@ -1,24 +1,31 @@
 """The full VAE-GAN training step per backend, and the references measured beside it.
 
-Groups are `step:b{batch}:{dtype}`, so numpy, numba, cupy, the matrix-product bound and
-PyTorch print side by side; extra_info carries kind, backend, device, batch, dtype and the
-step's matrix-product FLOPs, which is what `fastvae bench` pairs them by.
+Groups are `step:b{batch}:{dtype}`, so numpy, numba, cupy, the matrix-product bounds and
+PyTorch print side by side; extra_info carries kind, label, backend, device, batch, dtype,
+precision and the step's matrix-product FLOPs, which is what `fastvae bench` pairs them by.
 
-- test_step: `TrainState.step` (forward, all three gradients, three Adam updates);
+- test_step: `TrainState.step` (forward, all three gradients, three Adam updates), in each
+  precision the backend computes;
+- test_step_serial_kernels: numba's step with its element-wise kernels serial, to show what
+  the shared thread pool's `prange` kernels gain inside the real step;
 - test_graph_step: the same step recorded once as a CUDA graph and replayed (cupy; GPU only);
-- test_products: only the step's matrix products (`fastvae.bench.step_products`, derived
-  from the same Config), through the same BLAS into preallocated outputs: a lower bound (on
-  the GPU replayed as one CUDA graph, so that it bounds the graph step too);
+- test_products: only the step's matrix products (traced from a real step by
+  `fastvae.bench.step_products`) into preallocated outputs: through NumPy's BLAS (cuBLAS on
+  the GPU, replayed as one CUDA graph), oneMKL fp32 and oneMKL bf16: the lower bounds;
 - test_peak_matmul: a large square product, the machine's peak product rate;
-- test_torch_step: PyTorch eager, the same step with the same passes written with torch
-  ops (only where torch imports; never a dependency).
+- test_torch_autograd_step: PyTorch as users write it (nn.Linear, autograd, fused Adam), in
+  fp32 and under bf16 autocast; test_torch_step: the same passes as fastvae's hand-written
+  backward in torch ops (only where torch imports; never a dependency).
 """
 import math
 
 import numpy as np
 import pytest
 
+from fastvae import kernels
+from fastvae.backend import Backend
 from fastvae.bench import step_flops, step_products
+from fastvae.bench.report import PRODUCT_PATHS
 from fastvae.config import Config
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState
@@ -26,9 +33,24 @@ from fastvae.state import TrainState
 PEAK_SIZE = {"cpu": 1024, "gpu": 4096}
 
 
-def step_config(batch, dtype):
+def step_config(batch, dtype, precision="fp32"):
     """The configuration every step benchmark uses: the defaults at this batch and dtype."""
-    return Config(batch_size=batch, dtype=dtype)
+    return Config(batch_size=batch, dtype=dtype, precision=precision)
+
+
+def step_label(backend, precision, serial=False):
+    return backend + (" bf16" if precision == "bf16" else "") + (" serial" if serial else "")
+
+
+def check_precision(backend, dtype, precision):
+    """Skip a precision this backend cannot compute here (with the reason it gives)."""
+    if precision == "bf16" and dtype != "float32":
+        pytest.skip("bf16 products mix into float32 training only")
+    if precision == "bf16":
+        try:
+            Backend(backend, dtype, precision=precision)
+        except Exception as error:  # noqa: BLE001 - the message is the skip reason
+            pytest.skip(str(error))
 
 
 def step_group(batch, dtype):
@@ -41,18 +63,37 @@ def device_xp(device):
     return np
 
 
-def test_step(timed, backend, batch, dtype):
-    config = step_config(batch, dtype)
+def time_step(timed, backend, batch, dtype, precision, serial=False):
+    config = step_config(batch, dtype, precision)
     model = VAEGAN(config, backend)
     state = TrainState(model)
     images = np.random.default_rng(0).random((batch, config.image_size))
     x = model.backend.asarray(images)
     losses = timed(lambda: state.step(x), group=step_group(batch, dtype),
                    xp=model.backend.xp, kind="step", backend=backend,
-                   device="gpu" if backend == "cupy" else "cpu", batch=batch, dtype=dtype,
+                   label=step_label(backend, precision, serial), precision=precision,
+                   device=model.backend.device, batch=batch, dtype=dtype,
                    flops=step_flops(config, batch), warmup=2)
     assert {"encoder", "decoder", "discriminator"} <= set(losses)
     assert all(math.isfinite(float(value)) for value in losses.values())
+
+
+def test_step(timed, backend, batch, dtype, precision):
+    if backend == "numpy" and precision == "bf16":
+        pytest.skip("numpy's bf16 is the definition the kernels are tested against, not fast")
+    check_precision(backend, dtype, precision)
+    time_step(timed, backend, batch, dtype, precision)
+
+
+def test_step_serial_kernels(timed, backend, batch, dtype, precision, monkeypatch):
+    if backend != "numba":
+        pytest.skip("only numba has serial and parallel kernels")
+    ops = kernels.load("numba")
+    if not ops.PARALLEL:
+        pytest.skip("numba's kernels are serial here already (no oneMKL thread pool)")
+    check_precision("numba", dtype, precision)
+    monkeypatch.setattr(ops, "PARALLEL", False)
+    time_step(timed, "numba", batch, dtype, precision, serial=True)
 
 
 def test_graph_step(timed, device, batch, dtype):
@@ -81,10 +122,57 @@ def make_operands(products, xp, dtype, seed=0):
     return operands
 
 
-def test_products(timed, device, batch, dtype):
+
+
+def onemkl_products(products, bf16, seed=0):
+    """A function computing every product through the numba backend's oneMKL call, on stored
+    (C-contiguous) operands with transpose flags, as the backend calls it; and a check."""
+    ops = kernels.load("numba")
+    rng = np.random.default_rng(seed)
+    operands = []
+    for p in products:
+        a = rng.standard_normal((p.k, p.m) if p.transpose_a else (p.m, p.k), dtype=np.float32)
+        b = rng.standard_normal((p.n, p.k) if p.transpose_b else (p.k, p.n), dtype=np.float32)
+        if bf16:
+            a = ops.to_bf16(a, np.empty(a.shape, np.uint16))
+            b = ops.to_bf16(b, np.empty(b.shape, np.uint16))
+        operands.append((a, p.transpose_a, b, p.transpose_b,
+                         np.empty((p.m, p.n), dtype=np.float32)))
+
+    def all_products():
+        for a, transpose_a, b, transpose_b, out in operands:
+            ops.matmul(a, b, out, transpose_a, transpose_b)
+        return operands[-1]
+
+    def check():
+        from fastvae.kernels.numpy_ref import from_bf16
+        a, transpose_a, b, transpose_b, out = operands[-1]
+        a, b = (from_bf16(a), from_bf16(b)) if bf16 else (a, b)
+        want = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+        np.testing.assert_allclose(out, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+    return all_products, check
+
+
+def test_products(timed, device, batch, dtype, product_path):
     xp = device_xp(device)
+    precision = "bf16" if product_path == "onemkl-bf16" else "fp32"
     config = step_config(batch, dtype)
     products = step_products(config, batch)
+    info = dict(group=step_group(batch, dtype), kind="products", device=device, batch=batch,
+                dtype=dtype, precision=precision, flops=sum(p.flops for p in products),
+                products=len(products))
+    if product_path != "blas":
+        if device != "cpu" or dtype != "float32":
+            pytest.skip("oneMKL products: float32 on the CPU")
+        if "numba" not in kernels.available() or kernels.load("numba").MKL is None:
+            pytest.skip("oneMKL is not installed (pip install 'fastvae-numpy[mkl]')")
+        if precision == "bf16":
+            check_precision("numba", dtype, precision)
+        run, check = onemkl_products(products, precision == "bf16")
+        timed(run, xp=np, backend="numba", label=PRODUCT_PATHS[product_path], **info)
+        check()
+        return
     operands = make_operands(products, xp, dtype)
     matmul = np.matmul
     if device == "gpu":
@@ -102,9 +190,8 @@ def test_products(timed, device, batch, dtype):
         graph = cupy_gpu.capture_graph(all_products)
         run = lambda: (graph.launch(), graph.result)[1]  # noqa: E731
 
-    out = timed(run, group=step_group(batch, dtype), xp=xp, kind="products",
-                backend=xp.__name__, device=device, batch=batch, dtype=dtype,
-                flops=sum(p.flops for p in products), products=len(products))
+    label = "products cuBLAS" if device == "gpu" else PRODUCT_PATHS["blas"]
+    out = timed(run, xp=xp, backend=xp.__name__, label=label, **info)
     a, b, _ = operands[-1]
     expected = np.asarray(a.get() if hasattr(a, "get") else a) @ np.asarray(
         b.get() if hasattr(b, "get") else b)
@@ -353,6 +440,32 @@ def test_torch_step(timed, device, batch, dtype):
         return losses
 
     losses = timed(one_step, group=step_group(batch, dtype), kind="torch", backend="torch",
-                   device=device, batch=batch, dtype=dtype, flops=step_flops(config, batch),
-                   warmup=2, threads=torch.get_num_threads(), version=torch.__version__)
+                   label="torch hand-written", device=device, batch=batch, dtype=dtype,
+                   flops=step_flops(config, batch), warmup=2, threads=torch.get_num_threads(),
+                   version=torch.__version__)
+    assert all(math.isfinite(float(value)) for value in losses.values())
+
+
+def test_torch_autograd_step(timed, device, batch, dtype, precision):
+    """PyTorch as users write it; bf16 precision means fp32 under torch.autocast(bfloat16)."""
+    torch = pytest.importorskip("torch")
+    if device != "cpu":
+        pytest.skip("the autograd references run on the CPU")
+    if dtype != "float32":
+        pytest.skip("the autograd references are float32 (autocast mixes bf16 into float32)")
+    from fastvae.benchsuite.torch_steps import AutogradStep, check_autograd_step
+
+    config = step_config(batch, dtype)
+    model = VAEGAN(config, "numpy")
+    if precision == "fp32":
+        check_autograd_step(model, AutogradStep(model), min(batch, 16))
+        model = VAEGAN(config, "numpy")
+    step = AutogradStep(model, autocast=precision == "bf16")
+    x = torch.tensor(np.random.default_rng(0).random((batch, config.image_size)),
+                     dtype=torch.float32)
+    label = "torch autograd" + (" bf16-autocast" if precision == "bf16" else "")
+    losses = timed(lambda: step.train_step(x), group=step_group(batch, dtype), kind="torch",
+                   backend="torch", label=label, precision=precision, device=device,
+                   batch=batch, dtype=dtype, flops=step_flops(config, batch), warmup=2,
+                   threads=torch.get_num_threads(), version=torch.__version__)
     assert all(math.isfinite(float(value)) for value in losses.values())

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fastvae import kernels
-from fastvae.bench import BATCH_SIZES, DTYPES, QUICK_BATCH
+from fastvae.bench import BATCH_SIZES, DTYPES, PRECISIONS, QUICK_BATCH
+from fastvae.bench.report import PRODUCT_PATHS
 
 
 def pytest_addoption(parser):
@@ -22,6 +23,8 @@ def pytest_addoption(parser):
                     help="batch size (repeatable; default 64, 128, 512)")
     group.addoption("--fastvae-dtype", action="append", default=None, choices=DTYPES,
                     help="dtype (repeatable; default float32 and float64)")
+    group.addoption("--fastvae-precision", action="append", default=None, choices=PRECISIONS,
+                    help="products' precision (repeatable; default fp32 and bf16)")
     group.addoption("--fastvae-quick", action="store_true", default=False,
                     help="the training step and its references at batch 128, float32 only")
 
@@ -77,6 +80,12 @@ def pytest_generate_tests(metafunc):
     if "dtype" in names:
         dtypes = _option(config, "--fastvae-dtype") or (("float32",) if quick else DTYPES)
         metafunc.parametrize("dtype", list(dict.fromkeys(dtypes)))
+    precisions = _option(config, "--fastvae-precision") or PRECISIONS
+    if "precision" in names:
+        metafunc.parametrize("precision", list(dict.fromkeys(precisions)))
+    if "product_path" in names:
+        paths = [path for path in PRODUCT_PATHS if path != "onemkl-bf16" or "bf16" in precisions]
+        metafunc.parametrize("product_path", paths)
 
 
 def pytest_collection_modifyitems(config, items):

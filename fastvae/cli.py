@@ -91,7 +91,7 @@ def cmd_train(args):
 
 def _load_model(args):
     from fastvae.state import load_model
-    return load_model(args.checkpoint, args.backend)
+    return load_model(args.checkpoint, args.backend, args.precision)
 
 
 def cmd_reconstruct(args):
@@ -179,6 +179,9 @@ def cmd_gradcheck(args):
     for name in compared:
         for dtype in ("float32", "float64"):
             checks += gradcheck.compare_kernels(name, dtype, args.seed)
+    for name in backend.bf16_backends():
+        if name == "numpy" or name in compared:
+            checks += gradcheck.compare_bf16_kernels(name, args.seed)
     print(gradcheck.report(checks))
     failed = [check for check in checks if not check.ok]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
@@ -222,6 +225,8 @@ def cmd_sweep(args):
 def _checkpoint_flags(parser):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.npz from fastvae train")
     parser.add_argument("--backend", default=None, help="run on this backend (default: saved one)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="matrix products in fp32 or bf16 (default: the saved setting)")
 
 
 def _data_flags(parser):

@@ -48,6 +48,9 @@ class Config:
     batch_size: int = 128                     # images per training step
     seed: int = 0                             # seeds the weights, the noise and the data order
     dtype: str = "float32"                    # float32 | float64
+    precision: str = "fp32"                   # matrix products: fp32, or bf16 (bf16 inputs,
+                                              # fp32 accumulation; weights, Adam state and
+                                              # losses stay fp32); bf16: numba with oneMKL
     backend: str = ""                         # numpy | numba | cupy; "": the default backend
                                               # (set_backend, FASTVAE_BACKEND, else numpy)
     device_noise: bool = True                 # cupy: draw noise on the GPU (fast; a resumed run
@@ -110,6 +113,10 @@ class Config:
             (self.seed >= 0, "seed", f"`seed` must be non-negative, got {self.seed}"),
             (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),
             (self.dtype in ("float32", "float64"), "dtype", f"unknown dtype {self.dtype!r}"),
+            (self.precision in ("fp32", "bf16"), "precision",
+             f"unknown precision {self.precision!r}: use fp32 or bf16"),
+            (self.precision == "fp32" or self.dtype == "float32", "precision",
+             "`precision` bf16 needs `dtype` float32"),
             (self.train_limit >= 0, "train_limit", "`train_limit` must be non-negative"),
             (self.test_limit >= 0, "test_limit", "`test_limit` must be non-negative"),
             (self.test_limit != 1, "test_limit", "`test_limit` must be 0 (all) or at least 2: "

@@ -198,6 +198,79 @@ def compare_kernels(name, dtype="float32", seed=0):
     return checks
 
 
+# bf16 keeps 8 significant bits: each product input is rounded with relative error at most
+# u = 2**-8, so a product term a*b is off by at most 2u + u**2 (about 2**-7) of |a*b| and a
+# product by at most 2**-7 of (|A| @ |B|), the bound below (errors measured relative to that
+# magnitude). The activations after a product are 1-Lipschitz, so the bound holds for their
+# outputs too. Against the NumPy bf16 reference only the float32 summation order differs:
+# float32's tolerance.
+BF16_TOLERANCE = 2.0 ** -7
+BF16_REFERENCE_TOLERANCE = 1e-5
+
+
+def _bf16_cases(rng, batch=33, n_in=20, n_out=17):
+    """(label, function(ops) -> {output: array}, {output: magnitude}) for the bf16 dense ops."""
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    weight = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    grad_y = rng.standard_normal((batch, n_out)).astype(np.float32)
+
+    def rounded(ops, array):
+        return ops.to_bf16(ops.xp.asarray(array), ops.xp.empty(array.shape, np.uint16))
+
+    cases = []
+    for activation in ACTIVATIONS:
+        y = numpy_ref.dense_forward(x, weight, bias, activation, np.empty((batch, n_out), "f4"))
+
+        def forward(ops, bf16, activation=activation):
+            out = ops.xp.zeros((batch, n_out), np.float32)
+            low = {"x16": rounded(ops, x), "weight16": rounded(ops, weight)} if bf16 else {}
+            ops.dense_forward(*map(ops.xp.asarray, (x, weight, bias)), activation, out, **low)
+            return {"out": out}
+
+        def backward(ops, bf16, activation=activation, y=y):
+            xp = ops.xp
+            out = {"grad_weight": xp.zeros((n_in, n_out), np.float32),
+                   "grad_bias": xp.zeros(n_out, np.float32),
+                   "grad_in": xp.zeros((batch, n_in), np.float32)}
+            low = ({"x16": rounded(ops, x), "weight16": rounded(ops, weight),
+                    "scratch16": xp.empty((batch, n_out), np.uint16)} if bf16 else {})
+            ops.dense_backward(*map(xp.asarray, (grad_y, x, y, weight)), activation,
+                               out["grad_weight"], out["grad_bias"], out["grad_in"],
+                               xp.zeros((batch, n_out), np.float32), **low)
+            return out
+
+        pre = np.abs(numpy_ref.activation_backward(activation, y, grad_y, np.empty_like(grad_y)))
+        magnitudes = {"out": float((np.abs(x) @ np.abs(weight)).max()),
+                      "grad_weight": float((np.abs(x).T @ pre).max()),
+                      "grad_bias": float(pre.sum(axis=0).max()),
+                      "grad_in": float((pre @ np.abs(weight).T).max())}
+        cases.append((f"dense_forward {activation}", forward, magnitudes))
+        cases.append((f"dense_backward {activation}", backward, magnitudes))
+    return cases
+
+
+def compare_bf16_kernels(name, seed=0):
+    """Backend `name`'s bf16 dense ops against the NumPy bf16 reference (float32 tolerance) and
+    the NumPy fp32 reference (the bf16 bound, BF16_TOLERANCE); the errors are the largest
+    difference relative to the product's magnitude |A| @ |B|. Bias gradients are float32 sums."""
+    module = load_kernels(name)
+    checks = []
+    for label, run, magnitudes in _bf16_cases(np.random.default_rng(seed)):
+        got = {key: to_numpy(value) for key, value in run(module, True).items()}
+        for reference, bf16, bound in (("bf16 reference", True, BF16_REFERENCE_TOLERANCE),
+                                       ("fp32 reference", False, BF16_TOLERANCE)):
+            want = run(numpy_ref, bf16)
+            for key, value in want.items():
+                if key == "grad_bias":
+                    limit = BF16_REFERENCE_TOLERANCE
+                else:
+                    limit = bound
+                error = float(np.abs(got[key] - value).max()) / max(magnitudes[key], 1e-30)
+                checks.append(Check(f"{name} bf16 vs {reference}: {label} {key}", error, limit))
+    return checks
+
+
 def report(checks):
     """A printable table of checks, worst error first within the order given."""
     width = max(len(check.name) for check in checks)

@@ -3,7 +3,9 @@
 Every layer computes through the kernels of the backend it was built with. A layer keeps what
 its backward needs (Linear: its input and output; activations: their output) and owns the
 arrays it returns: the next forward or backward call overwrites them, so steady-state training
-allocates nothing.
+allocates nothing. On a bf16 backend a Linear also keeps the bf16 copies its products read:
+its weight's (written by the optimiser), its input's (the previous Linear's `output16`, or
+rounded here) and its output's, for the next Linear.
 """
 from collections import OrderedDict
 
@@ -28,7 +30,8 @@ class Buffers:
         shape = tuple(shape)
         array = shapes.get(shape)
         if array is None:
-            array = shapes[shape] = self.backend.empty(shape)
+            make = self.backend.empty16 if name.endswith("16") else self.backend.empty
+            array = shapes[shape] = make(shape)
             if len(shapes) > self.per_name:
                 shapes.popitem(last=False)
         else:
@@ -85,6 +88,8 @@ class Linear(Layer):
         self.grad_weight = self.backend.zeros((in_features, out_features))
         self.grad_bias = self.backend.zeros(out_features)
         self._input = self._output = None
+        self.weight16 = None  # bf16 copy of the weight, set by pack_bf16_weights
+        self._input16 = self.output16 = None
 
     def __repr__(self):
         fused = "" if self.activation == "identity" else f", {self.activation}"
@@ -96,11 +101,20 @@ class Linear(Layer):
     def gradients(self):
         return [("weight", self.grad_weight), ("bias", self.grad_bias)]
 
-    def forward(self, x):
+    def forward(self, x, x16=None):
+        """activation(x @ weight + bias); `x16`: x's bf16 copy where the caller has one."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self!r} expects input (batch, {self.in_features}), got {x.shape}")
         out = self.buffer("out", (x.shape[0], self.out_features))
-        self.backend.ops.dense_forward(x, self.weight, self.bias, self.activation, out)
+        if self.backend.bf16:
+            if x16 is None:
+                x16 = self.backend.ops.to_bf16(x, self.buffer("in16", x.shape))
+            self.output16 = self.buffer("out16", out.shape)
+            self.backend.ops.dense_forward(x, self.weight, self.bias, self.activation, out,
+                                           x16=x16, weight16=self.weight16, out16=self.output16)
+            self._input16 = x16
+        else:
+            self.backend.ops.dense_forward(x, self.weight, self.bias, self.activation, out)
         self._input, self._output = x, out
         return out
 
@@ -114,11 +128,16 @@ class Linear(Layer):
             x, y = x[rows], y[rows]
         scratch = self.buffer("scratch", grad_out.shape)
         grad_in = self.buffer("grad_in", x.shape) if input_grad else None
+        low = {}
+        if self.backend.bf16:
+            x16 = self._input16 if rows is None else self._input16[rows]
+            low = {"x16": x16, "weight16": self.weight16,
+                   "scratch16": self.buffer("scratch16", grad_out.shape)}
         self.backend.ops.dense_backward(
             grad_out, x, y, self.weight, self.activation,
             self.grad_weight if param_grads else None,
             self.grad_bias if param_grads else None,
-            grad_in, scratch,
+            grad_in, scratch, **low,
         )
         return grad_in
 
@@ -181,6 +200,7 @@ class NeuralNetwork:
     def __init__(self, layers=(), backend=None):
         self.backend = resolve(backend)
         self.layers, self.names = [], []
+        self.output16 = None  # the bf16 copy of the last output, on a bf16 backend
         for layer in layers:
             self.add(layer)
 
@@ -217,10 +237,13 @@ class NeuralNetwork:
         """
         wanted = {self.index(name): name for name in keep}
         kept = {}
+        x16 = None  # the bf16 copy of x where the previous Linear wrote one
         for index, layer in enumerate(self._run_layers(logits)):
-            x = layer.forward(x)
+            x = layer.forward(x, x16) if isinstance(layer, Linear) else layer.forward(x)
+            x16 = getattr(layer, "output16", None)
             if index in wanted:
                 kept[wanted[index]] = x
+        self.output16 = x16
         if len(kept) != len(wanted):
             raise ValueError("logits=True stops before the tapped final layer")
         return (x, kept) if keep else x
@@ -267,3 +290,18 @@ def pack_parameters(linears, backend):
             setattr(layer, "grad_" + name, grads[offset:end].reshape(value.shape))
             offset = end
     return params, grads
+
+
+def pack_bf16_weights(linears, params, backend):
+    """A flat bf16 copy of `params` (the buffer `pack_parameters` returned), each layer's
+    `weight16` a view into it; None on an fp32 backend. The optimiser refreshes it each step."""
+    if not backend.bf16:
+        return None
+    params16 = backend.empty16(params.shape)
+    backend.ops.to_bf16(params, params16)
+    offset = 0
+    for layer in linears:
+        size = layer.weight.size
+        layer.weight16 = params16[offset:offset + size].reshape(layer.weight.shape)
+        offset += size + layer.bias.size
+    return params16

@@ -9,7 +9,7 @@ import numpy as np
 from fastvae import losses
 from fastvae.backend import resolve
 from fastvae.config import Config
-from fastvae.layers import Buffers, Linear, NeuralNetwork, Sigmoid, pack_parameters
+from fastvae.layers import Buffers, Linear, NeuralNetwork, Sigmoid, pack_bf16_weights, pack_parameters
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 
@@ -45,7 +45,8 @@ class Encoder:
 
     def forward(self, x):
         hidden = self.body.forward(x)
-        return self.mu_head.forward(hidden), self.log_var_head.forward(hidden)
+        hidden16 = self.body.output16
+        return self.mu_head.forward(hidden, hidden16), self.log_var_head.forward(hidden, hidden16)
 
     def backward(self, grad_mu, grad_log_var, *, input_grad=False):
         grad_hidden = self.mu_head.backward(grad_mu)
@@ -81,9 +82,11 @@ class VAEGAN:
         self.config = config.replace(**overrides) if overrides else config
         init_seed, noise_seed = np.random.SeedSequence(self.config.seed).spawn(2)
         self.backend = resolve(backend or self.config.backend, dtype=self.config.dtype,
-                               seed=noise_seed, device_noise=self.config.device_noise)
+                               seed=noise_seed, device_noise=self.config.device_noise,
+                               precision=self.config.precision)
         self.config = self.config.replace(backend=self.backend.name,
-                                          dtype=self.backend.dtype.name)
+                                          dtype=self.backend.dtype.name,
+                                          precision=self.backend.precision)
         rng = np.random.default_rng(init_seed)
         self.encoder = Encoder(self.config, rng, self.backend)
         self.decoder = Decoder(self.config, rng, self.backend)
@@ -93,12 +96,21 @@ class VAEGAN:
         if self.discriminator is not None:
             linears["discriminator"] = self.discriminator.linears()
         self.params, self.grads = {}, {}   # per network: one flat buffer each
+        self.params16 = {}  # bf16 weight copies (bf16 backends), refreshed by each update
         for name, layers in linears.items():
             self.params[name], self.grads[name] = pack_parameters(layers, self.backend)
+            self.params16[name] = pack_bf16_weights(layers, self.params[name], self.backend)
         self._buffers = Buffers(self.backend)
 
     def _buffer(self, name, shape):
         return self._buffers.get(name, shape)
+
+    def refresh_bf16_weights(self):
+        """Round the weights into their bf16 copies again, after they were written directly
+        (a checkpoint restored); the optimisers do it themselves on every update."""
+        for name, params16 in self.params16.items():
+            if params16 is not None:
+                self.backend.ops.to_bf16(self.params[name], params16)
 
     def _feature_tap(self):
         """The discriminator layer of the learned-similarity loss (config.feature_layer)."""

@@ -34,8 +34,10 @@ class TrainState:
         self.model, self.backend = model, model.backend
         config = getattr(model, "config", None)
         if optimizers is None:
+            params16 = getattr(model, "params16", {})  # bf16 weight copies, updated in step
             optimizers = {name: make_optimizer(config, name, model.params[name],
-                                               model.grads[name], model.backend)
+                                               model.grads[name], model.backend,
+                                               params16.get(name))
                           for name in model.params}
         self.optimizers = optimizers
         self.clip_grad_norm = (config.clip_grad_norm if clip_grad_norm is None
@@ -141,6 +143,9 @@ class TrainState:
                                   f"rate")
         for name, params in self.model.params.items():
             params[...] = self.backend.asarray(arrays[f"params/{name}"])
+        refresh = getattr(self.model, "refresh_bf16_weights", None)
+        if refresh is not None:
+            refresh()
         for name, optimizer in self.optimizers.items():
             prefix = f"optimizer/{name}/"
             optimizer.load_state({key[len(prefix):]: value for key, value in arrays.items()
@@ -152,11 +157,15 @@ class TrainState:
         return header["extra"]
 
     @classmethod
-    def load(cls, path, backend=None):
+    def load(cls, path, backend=None, precision=None):
         """(state, extra): a VAEGAN rebuilt from the checkpoint's config, on `backend` (a name
-        or Backend; default: the one it was saved from), with its training state."""
+        or Backend; default: the one it was saved from) and at `precision` (default: the saved
+        one), with its training state."""
         header, arrays = read_checkpoint(path)
-        state = cls(VAEGAN(checkpoint_config(header, path), backend))
+        config = checkpoint_config(header, path)
+        if precision:
+            config = config.replace(precision=precision)
+        state = cls(VAEGAN(config, backend))
         return state, state.restore(header, arrays, path)
 
 
@@ -185,9 +194,9 @@ def checkpoint_config(header, path="checkpoint"):
         raise CheckpointError(f"{path} holds an invalid config: {error}") from error
 
 
-def load_model(path, backend=None):
+def load_model(path, backend=None, precision=None):
     """The trained VAEGAN of a checkpoint, for inference (see TrainState.load)."""
-    return TrainState.load(path, backend)[0].model
+    return TrainState.load(path, backend, precision)[0].model
 
 
 class CapturedStep:

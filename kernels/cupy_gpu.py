@@ -48,6 +48,7 @@ else:
     _IMPORT_ERROR = None
 
 xp = cupy
+DEVICE = "gpu"  # what the bench labels its timings with
 
 IDENTITY = _CODES["identity"]
 CTYPES = {"float32": "float", "float64": "double"}

@@ -1,9 +1,13 @@
 """The Numba CPU backend: the reference's ops as fused one-pass kernels, products on BLAS.
 
 Same functions, signatures and conventions as `numpy_ref` (read its docstring). Design:
-- matrix products go to BLAS through `np.matmul(..., out=...)` (transposes are views); the
-  elementwise work around them is one jitted pass (bias + activation; activation derivative +
-  bias-gradient column sum);
+- matrix products go to oneMKL where it is installed (`mkl.py`; fp32 `cblas_sgemm`, and bf16
+  `cblas_gemm_bf16bf16f32` for precision bf16), called from inside the jitted layer kernel
+  through a function pointer, so a layer's forward or backward is one call from Python; without
+  oneMKL they go to NumPy's BLAS through `np.matmul(..., out=...)` (transposes are views), fp32
+  only, as before. The elementwise work around a product is one jitted pass (bias + activation,
+  and the bf16 copy of the result; activation derivative + bias-gradient column sum, and the
+  bf16 copy of the gradient); Adam writes the bf16 weight copy in its own pass;
 - losses, the reparameterisation and the optimiser steps are one jitted pass each; sums are
   accumulated in float64 whatever the array dtype; activations, losses and the
   reparameterisation compute each element in float64 and round once on the store;
@@ -21,17 +25,21 @@ fastmath={"contract"} only (fused multiply-add: one rounding instead of two). Lo
 scalar sum use fastmath={"reassoc"} only, so the float64 sum vectorises (summation order
 changes; no nan/inf assumptions). Everything else: fastmath off. `tanh` uses NumPy's SIMD ufunc.
 
-No `prange`: on a 2-core machine it pays only for an op timed alone (SGD over 1.1M floats:
-221 vs 400 us); right after a BLAS product, as in every training step, OpenBLAS's spinning
-threads and Numba's (OpenMP) workers fight for the two cores and a parallel step costs ~6.5 ms
-instead of 0.1-0.5 ms (workqueue layer or OMP_WAIT_POLICY=passive: no gain over serial).
+Threads. With NumPy's OpenBLAS the kernels stay serial: right after a BLAS product OpenBLAS's
+spinning threads and Numba's workers fight for the cores and a parallel step costs ~6.5 ms
+instead of 0.1-0.5 ms. With oneMKL both run on one GNU OpenMP pool (MKL_THREADING_LAYER=GNU,
+Numba's `omp` layer, both set here before either starts a thread unless the user set them),
+and the optimisers and the bias+activation passes use `prange` (`PARALLEL`; the bench times
+the step both ways).
 """
 import math
+import os
 
 import numpy as np
 
 from . import ACTIVATION_CODES as _CODES
 from . import LEAKY_SLOPE
+from . import mkl as _mkl
 
 try:
     import numba
@@ -44,7 +52,14 @@ except ImportError as error:  # the module must import without numba; load() rep
 else:
     _IMPORT_ERROR = None
 
+MKL = _mkl.library() if numba is not None else None  # None: products on NumPy's BLAS, fp32
+PARALLEL = MKL is not None  # prange kernels pay only on oneMKL's shared thread pool
+if MKL is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "omp"  # oneMKL's GNU OpenMP runtime: one pool for both
+_NO16 = np.zeros((1, 1), dtype=np.uint16)  # stands for "no bf16 copy" (one type per kernel arg)
+
 xp = np
+DEVICE = "cpu"
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = (
     _CODES[name] for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh"))
@@ -55,13 +70,31 @@ def unavailable_reason():
     return _IMPORT_ERROR
 
 
-def _jit(fastmath=False):
+def bf16_unavailable_reason():
+    """None when bf16 products run here (oneMKL on a CPU with AMX or AVX512-BF16), else why."""
+    if MKL is None:
+        why = _mkl.unavailable_reason()
+        detail = f" ({why})" if why and _mkl.INSTALL_HINT not in why else ""
+        return f"bf16 products on the numba backend need oneMKL: {_mkl.INSTALL_HINT}{detail}"
+    return _mkl.bf16_cpu_reason()
+
+
+def products_library():
+    """What computes the products: the oneMKL version, or NumPy's BLAS."""
+    return MKL.version if MKL is not None else "NumPy's BLAS (fp32)"
+
+
+def _jit(fastmath=False, parallel=False):
     def wrap(function):
         if numba is None:
             return function
-        return numba.njit(cache=True, fastmath=fastmath, error_model="numpy")(function)
+        return numba.njit(cache=True, fastmath=fastmath, error_model="numpy",
+                          parallel=parallel)(function)
 
     return wrap
+
+
+prange = numba.prange if numba is not None else range
 
 
 def _code(activation):
@@ -92,10 +125,40 @@ if numba is not None:
 
         return types.float64(types.int64), codegen
 
+    @intrinsic
+    def _cblas_gemm(typingctx, address, transpose_a, transpose_b, m, n, k, a, lda, b, ldb, c,
+                    ldc):
+        """Call the cblas gemm at `address` (row-major, alpha 1, beta 0) on raw addresses a, b, c.
+
+        The address is an argument, not a constant, so the calling kernel caches on disk."""
+        def codegen(context, builder, signature, args):
+            args = [context.cast(builder, value, of, types.int64)
+                    for value, of in zip(args, signature.args)]
+            i32, f32, ptr = ir.IntType(32), ir.FloatType(), ir.IntType(8).as_pointer()
+            fn_type = ir.FunctionType(ir.VoidType(), [i32] * 6 + [f32, ptr, i32, ptr, i32, f32,
+                                                                  ptr, i32])
+            fn = builder.inttoptr(args[0], fn_type.as_pointer())
+            (ta, tb, m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_) = args[1:]
+            as32 = lambda value: builder.trunc(value, i32)  # noqa: E731
+            as_ptr = lambda value: builder.inttoptr(value, ptr)  # noqa: E731
+            builder.call(fn, [ir.Constant(i32, _mkl.ROW_MAJOR), as32(ta), as32(tb), as32(m_),
+                              as32(n_), as32(k_), ir.Constant(f32, 1.0), as_ptr(a_), as32(lda_),
+                              as_ptr(b_), as32(ldb_), ir.Constant(f32, 0.0), as_ptr(c_),
+                              as32(ldc_)])
+            return context.get_dummy_value()
+
+        arguments = (address, transpose_a, transpose_b, m, n, k, a, lda, b, ldb, c, ldc)
+        if not all(isinstance(argument, types.Integer) for argument in arguments):
+            return None
+        return types.void(*arguments), codegen
+
 else:  # pragma: no cover - only reached without numba, where no kernel runs
 
     def _bits_as_float(bits):
         return float(np.int64(bits).view(np.float64))
+
+    def _cblas_gemm(*args):
+        raise RuntimeError("numba is not installed")
 
 
 _LOG2E = 1.4426950408889634
@@ -251,6 +314,101 @@ def _act_backward_bias(grad_out, y, scratch, acc, grad_bias, code):
         grad_bias[j] = acc[j]
 
 
+# ----------------------------------------------------------------------------- bf16, oneMKL
+@_jit()
+def _round_bf16(bits):
+    """The bf16 (uint16) nearest to the float32 with these bits, ties to even; NaN stays NaN."""
+    if (bits & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((bits >> 16) | 0x40)
+    return np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+
+
+@_jit()
+def _store_bf16(src, dst):
+    """dst (uint16, 1-D) = bf16(src (float32, 1-D))."""
+    bits = src.view(np.uint32)
+    for j in range(src.size):
+        dst[j] = _round_bf16(bits[j])
+
+
+@_jit()
+def _gemm(address, a, transpose_a, b, transpose_b, c):
+    """c = op(a) @ op(b) by the cblas gemm at `address`; a, b, c C-contiguous 2-D, op a transpose."""
+    m, n = c.shape
+    k = a.shape[0] if transpose_a else a.shape[1]
+    _cblas_gemm(address, 112 if transpose_a else 111, 112 if transpose_b else 111, m, n, k,
+                a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], c.ctypes.data, n)
+
+
+@_jit()
+def _bias_act_rows(out, bias, code, out16, want16):
+    """out = activation(out + bias) row by row, and out16 = bf16(out) if `want16`."""
+    for i in range(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] += bias[j]
+        _act_inplace(row, code)
+        if want16:
+            _store_bf16(row, out16[i])
+
+
+@_jit(parallel=True)
+def _bias_act_rows_parallel(out, bias, code, out16, want16):
+    """`_bias_act_rows` with the rows shared among the threads."""
+    for i in prange(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] += bias[j]
+        _act_inplace(row, code)
+        if want16:
+            _store_bf16(row, out16[i])
+
+
+@_jit()
+def _dense_forward_mkl(address, a, b, bias, out, code, out16, want16):
+    """out = activation(a @ b + bias) (and its bf16 copy): the product, then one row pass."""
+    _gemm(address, a, False, b, False, out)
+    _bias_act_rows(out, bias, code, out16, want16)
+
+
+@_jit()
+def _dense_forward_mkl_parallel(address, a, b, bias, out, code, out16, want16):
+    """`_dense_forward_mkl` with the row pass shared among the threads."""
+    _gemm(address, a, False, b, False, out)
+    _bias_act_rows_parallel(out, bias, code, out16, want16)
+
+
+@_jit()
+def _dense_backward_mkl(address, grad_out, y, scratch, acc, grad_bias, code, a, b, g, scratch16,
+                        want16, grad_weight, want_weight, grad_in, want_in):
+    """The activation derivative, bias-gradient sum and bf16 copy of the gradient in one row
+    pass, then grad_weight = a.T @ g and grad_in = g @ b.T (a, b, g: x, weight, scratch or
+    their bf16 copies)."""
+    n, m = grad_out.shape
+    if want_weight:
+        for j in range(m):
+            acc[j] = 0.0
+    for i in range(n):
+        row = scratch[i]
+        _act_backward(y[i], grad_out[i], row, code)
+        if want_weight:
+            for j in range(m):
+                acc[j] += row[j]
+        if want16:
+            _store_bf16(row, scratch16[i])
+    if want_weight:
+        for j in range(m):
+            grad_bias[j] = acc[j]
+        _gemm(address, a, True, g, False, grad_weight)
+    if want_in:
+        _gemm(address, g, False, b, True, grad_in)
+
+
+@_jit()
+def _to_bf16(x, out):
+    _store_bf16(x, out)
+
+
 # ----------------------------------------------------------------------------- losses
 # The BCE loops spell the per-element work out (no helper returning a tuple): LLVM then inlines
 # _exp and _log1p_atanh and vectorises the loop. One division serves both 1 / (1 + e) and
@@ -354,7 +512,8 @@ def _kl_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
 # lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps).
 @_jit()
 def _adam(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2,
-          step_size, inv_sqrt_correction2, eps):
+          step_size, inv_sqrt_correction2, eps, param16, want16):
+    bits = param.view(np.uint32)
     for i in range(param.size):
         g = grad[i]
         m = beta1 * exp_avg[i] + one_minus_beta1 * g
@@ -362,14 +521,45 @@ def _adam(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_m
         exp_avg[i] = m
         exp_avg_sq[i] = v
         param[i] -= step_size * m / (math.sqrt(v) * inv_sqrt_correction2 + eps)
+        if want16:
+            param16[i] = _round_bf16(bits[i])
+
+
+@_jit(parallel=True)
+def _adam_parallel(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, step_size, inv_sqrt_correction2, eps, param16, want16):
+    bits = param.view(np.uint32)
+    for i in prange(param.size):
+        g = grad[i]
+        m = beta1 * exp_avg[i] + one_minus_beta1 * g
+        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g)
+        exp_avg[i] = m
+        exp_avg_sq[i] = v
+        param[i] -= step_size * m / (math.sqrt(v) * inv_sqrt_correction2 + eps)
+        if want16:
+            param16[i] = _round_bf16(bits[i])
 
 
 @_jit()
-def _sgd(param, grad, velocity, lr, momentum):
+def _sgd(param, grad, velocity, lr, momentum, param16, want16):
+    bits = param.view(np.uint32)
     for i in range(param.size):
         v = momentum * velocity[i] + grad[i]
         velocity[i] = v
         param[i] -= lr * v
+        if want16:
+            param16[i] = _round_bf16(bits[i])
+
+
+@_jit(parallel=True)
+def _sgd_parallel(param, grad, velocity, lr, momentum, param16, want16):
+    bits = param.view(np.uint32)
+    for i in prange(param.size):
+        v = momentum * velocity[i] + grad[i]
+        velocity[i] = v
+        param[i] -= lr * v
+        if want16:
+            param16[i] = _round_bf16(bits[i])
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -399,13 +589,43 @@ def activation_backward(activation, y, grad_out, out):
     return out
 
 
-def dense_forward(x, weight, bias, activation, out):
-    """out = activation(x @ weight + bias): one BLAS product, then one bias+activation pass."""
+def _contiguous(*arrays):
+    return all(array is None or array.flags.c_contiguous for array in arrays)
+
+
+def _on_mkl(bf16, *operands):
+    """Whether oneMKL computes a product of these operands: float32 (or bf16) C-contiguous
+    arrays where it is installed; bf16 operands must be (the layers make them so)."""
+    if bf16:
+        if MKL is None:
+            raise RuntimeError(bf16_unavailable_reason())
+        if not _contiguous(*operands):
+            raise ValueError("numba backend: bf16 products take C-contiguous operands")
+        return True
+    return MKL is not None and operands[0].dtype == np.float32 and _contiguous(*operands)
+
+
+def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out16=None):
+    """out = activation(x @ weight + bias): one product, then one bias+activation pass.
+
+    With `weight16` (bf16 copies: numpy_ref's docstring) the product is x16 @ weight16 in bf16,
+    and `out16`, if given, receives bf16(out) from the same pass.
+    """
     code = _code(activation)
-    np.matmul(x, weight, out=out)
-    _bias_act(out, bias, code)  # not np.add: broadcasting the bias makes NumPy allocate buffers
+    bf16 = weight16 is not None
+    if _on_mkl(bf16, *((x16, weight16, out) if bf16 else (x, weight, out))):
+        address = MKL.gemm_bf16_address if bf16 else MKL.sgemm_address
+        a, b = (x16, weight16) if bf16 else (x, weight)
+        want16 = out16 is not None and code != TANH
+        kernel = _dense_forward_mkl_parallel if PARALLEL else _dense_forward_mkl
+        kernel(address, a, b, bias, out, code, out16 if want16 else _NO16, want16)
+    else:
+        np.matmul(x, weight, out=out)
+        _bias_act(out, bias, code)  # not np.add: broadcasting the bias makes NumPy allocate
     if code == TANH:
         np.tanh(out, out=out)  # NumPy's SIMD tanh beats a scalar libm call per element
+        if out16 is not None:
+            _to_bf16(out.reshape(-1), _flat_out(out16))
     return out
 
 
@@ -423,15 +643,30 @@ def _accumulator(grad_bias):
     return acc
 
 
-def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch):
+def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch,
+                   x16=None, weight16=None, scratch16=None):
     """Back through y = activation(x @ weight + bias): fills grad_weight, grad_bias, grad_in.
 
-    `scratch` (shaped like grad_out) receives the gradient before the activation.
+    `scratch` (shaped like grad_out) receives the gradient before the activation; with
+    `weight16` the products read bf16 copies and `scratch16` receives bf16(scratch).
     """
     code = _code(activation)
     if y is None and code == IDENTITY:
         y = grad_out
-    if grad_weight is not None and grad_bias is not None:  # grad_bias goes with grad_weight
+    bf16 = weight16 is not None
+    want_weight = grad_weight is not None and grad_bias is not None  # they go together
+    operands = (x16, weight16, scratch16) if bf16 else (x, weight, scratch)
+    if _on_mkl(bf16, *operands, grad_weight, grad_in):
+        address = MKL.gemm_bf16_address if bf16 else MKL.sgemm_address
+        a, b, g = (x16, weight16, scratch16) if bf16 else (x, weight, scratch)
+        acc = _accumulator(grad_bias) if want_weight else _ACCUMULATOR_NONE
+        _dense_backward_mkl(address, grad_out, y, scratch, acc,
+                            grad_bias if want_weight else acc, code, a, b, g,
+                            scratch16 if bf16 else _NO16, bf16,
+                            grad_weight if want_weight else scratch, want_weight,
+                            grad_in if grad_in is not None else scratch, grad_in is not None)
+        return grad_in
+    if want_weight:
         _act_backward_bias(grad_out, y, scratch, _accumulator(grad_bias), grad_bias, code)
     else:
         _act_backward(y.reshape(-1), grad_out.reshape(-1), _flat_out(scratch), code)
@@ -440,6 +675,27 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
     if grad_in is not None:
         np.matmul(scratch, weight.T, out=grad_in)
     return grad_in
+
+
+_ACCUMULATOR_NONE = np.zeros(1, dtype=np.float64)
+
+
+def matmul(a, b, out, transpose_a=False, transpose_b=False):
+    """out = op(a) @ op(b) through oneMKL as the layer kernels call it (float32 operands: sgemm,
+    uint16 ones: the bf16 product); a and b stored C-contiguous, op a transpose if asked."""
+    if MKL is None:
+        raise RuntimeError(f"oneMKL is not installed: {_mkl.INSTALL_HINT}")
+    address = MKL.gemm_bf16_address if a.dtype == np.uint16 else MKL.sgemm_address
+    _gemm(address, a, transpose_a, b, transpose_b, out)
+    return out
+
+
+def to_bf16(x, out):
+    """out (uint16) = x (float32) rounded to bfloat16, to nearest even (numpy_ref.to_bf16)."""
+    if x.dtype != np.float32 or not _contiguous(x):
+        raise ValueError("numba backend: to_bf16 takes a C-contiguous float32 array")
+    _to_bf16(x.reshape(-1), _flat_out(out))
+    return out
 
 
 def bce_with_logits(logits, target, scale, grad_out):
@@ -482,16 +738,33 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
                  float(scale), _flat_out(grad_mu), _flat_out(grad_log_var))
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
-    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
+_NO16_FLAT = np.zeros(1, dtype=np.uint16)
+
+
+def _parallel(param):
+    """prange only where oneMKL computes the products (float32): float64 products stay on
+    NumPy's BLAS, whose spinning threads a parallel kernel would fight."""
+    return PARALLEL and param.dtype == np.float32
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, param16=None):
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
+
+    `param16`, if given, receives bf16(param) in the same pass (the products' weight copy)."""
     real = param.dtype.type
     beta1, beta2 = float(beta1), float(beta2)
-    _adam(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
-          real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
-          real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)), real(eps))
+    kernel = _adam_parallel if _parallel(param) else _adam
+    want16 = param16 is not None
+    kernel(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
+           real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
+           real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)), real(eps),
+           _flat_out(param16) if want16 else _NO16_FLAT, want16)
 
 
-def sgd_update(param, grad, velocity, lr, momentum):
-    """One step of SGD with (heavy-ball) momentum, in place."""
+def sgd_update(param, grad, velocity, lr, momentum, param16=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `param16` as for Adam."""
     real = param.dtype.type
-    _sgd(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum))
+    kernel = _sgd_parallel if _parallel(param) else _sgd
+    want16 = param16 is not None
+    kernel(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum),
+           _flat_out(param16) if want16 else _NO16_FLAT, want16)

@@ -6,17 +6,45 @@ Conventions shared by every backend:
 - activations are differentiated through their output `y`, so a layer keeps only `y`;
 - losses are sums over all elements times `scale` (the caller passes 1/batch for a mean over
   the batch) and return a 0-d array, so a GPU backend never has to synchronise.
+
+Mixed precision (bf16) is defined here: a bf16 number is the top 16 bits of a float32, rounded
+to nearest even, held in a uint16 array. The dense ops take optional bf16 copies (`x16`,
+`weight16`); when `weight16` is given the products read the bf16 copies of their inputs and
+accumulate in float32, while biases, activations, gradients, reductions and the optimisers
+stay float32. The ops that make a product's input also write its bf16 copy (`out16`,
+`scratch16`, `param16`), so a backend rounds each array once, in the pass that writes it.
+A backend that offers bf16 has `to_bf16` and `bf16_unavailable_reason()` (None where it runs).
 """
 import numpy as np
 
 from . import LEAKY_SLOPE
 
 xp = np
+DEVICE = "cpu"
 
 
 def unavailable_reason():
     """NumPy is always there."""
     return None
+
+
+def bf16_unavailable_reason():
+    """None: the reference defines bf16, so it can always compute it (slowly)."""
+    return None
+
+
+def to_bf16(x, out):
+    """out (uint16) = x rounded to bfloat16, to nearest even; NaN stays a (quiet) NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out[...] = np.where(nan, (bits >> 16) | np.uint32(0x40), rounded).astype(np.uint16)
+    return out
+
+
+def from_bf16(x16):
+    """The float32 values of a uint16 bf16 array."""
+    return (x16.astype(np.uint32) << 16).view(np.float32)
 
 
 def sigmoid(logits):
@@ -58,24 +86,44 @@ def activation_backward(activation, y, grad_out, out):
     return out
 
 
-def dense_forward(x, weight, bias, activation, out):
-    """out = activation(x @ weight + bias)."""
-    np.matmul(x, weight, out=out)
+def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out16=None):
+    """out = activation(x @ weight + bias); with `weight16`, the product of the bf16 copies
+    x16 @ weight16 (float32 accumulation), and `out16` (if given) = bf16(out)."""
+    if weight16 is None:
+        np.matmul(x, weight, out=out)
+    else:
+        np.matmul(from_bf16(x16), from_bf16(weight16), out=out)
     out += bias
-    return activation_forward(activation, out, out)
+    activation_forward(activation, out, out)
+    if out16 is not None:
+        to_bf16(out, out16)
+    return out
 
 
-def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch):
+def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch,
+                   x16=None, weight16=None, scratch16=None):
     """Back through y = activation(x @ weight + bias): fills grad_weight, grad_bias, grad_in.
 
-    `scratch` (shaped like grad_out) receives the gradient before the activation.
+    `scratch` (shaped like grad_out) receives the gradient before the activation. With
+    `weight16`, the products read bf16 copies: scratch16 = bf16(scratch) is written, then
+    grad_weight = x16.T @ scratch16 and grad_in = scratch16 @ weight16.T; grad_bias is the
+    float32 sum of scratch.
     """
     grad_pre = activation_backward(activation, y, grad_out, scratch)
+    if weight16 is not None:
+        to_bf16(grad_pre, scratch16)
+        grad_pre16 = from_bf16(scratch16)
     if grad_weight is not None:
-        np.matmul(x.T, grad_pre, out=grad_weight)
+        if weight16 is None:
+            np.matmul(x.T, grad_pre, out=grad_weight)
+        else:
+            np.matmul(from_bf16(x16).T, grad_pre16, out=grad_weight)
         np.sum(grad_pre, axis=0, out=grad_bias)
     if grad_in is not None:
-        np.matmul(grad_pre, weight.T, out=grad_in)
+        if weight16 is None:
+            np.matmul(grad_pre, weight.T, out=grad_in)
+        else:
+            np.matmul(grad_pre16, from_bf16(weight16).T, out=grad_in)
     return grad_in
 
 
@@ -113,8 +161,10 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
     grad_log_var[...] = grad_z * eps * 0.5 * std + scale * 0.5 * (std * std - 1)
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
-    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1."""
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, param16=None):
+    """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
+
+    `param16`, if given, receives bf16(param) after the step (the products' weight copy)."""
     exp_avg *= beta1
     exp_avg += (1 - beta1) * grad
     exp_avg_sq *= beta2
@@ -122,10 +172,14 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
     avg_hat = exp_avg / (1 - beta1**step)
     avg_sq_hat = exp_avg_sq / (1 - beta2**step)
     param -= lr * avg_hat / (np.sqrt(avg_sq_hat) + eps)
+    if param16 is not None:
+        to_bf16(param, param16)
 
 
-def sgd_update(param, grad, velocity, lr, momentum):
-    """One step of SGD with (heavy-ball) momentum, in place."""
+def sgd_update(param, grad, velocity, lr, momentum, param16=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `param16` as for Adam."""
     velocity *= momentum
     velocity += grad
     param -= lr * velocity
+    if param16 is not None:
+        to_bf16(param, param16)

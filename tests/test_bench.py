@@ -13,10 +13,11 @@ from fastvae.config import Config
 from fastvae.model import VAEGAN
 from fastvae.state import TrainState
 
-# ----- the matrix-product bound mirrors the model's step -----
+# ----- the matrix-product bound is traced from the model's step -----
 
 class MatmulSpy:
-    """The numpy kernels, recording every product dense_forward / dense_backward computes."""
+    """The numpy kernels, recording every product dense_forward / dense_backward computes
+    (independently of the library's tracer: shapes only, at another dtype)."""
 
     def __init__(self, ops):
         self._ops = ops
@@ -66,10 +67,21 @@ def test_step_products_are_the_models_products(config):
     assert bench.step_flops(config, batch) == sum(2 * m * k * n for m, k, n, _, _ in spy.calls)
 
 
+def test_traced_products_are_named_by_layer():
+    products = bench.step_products(Config(**SMALL), 4)
+    names = [p.name for p in products]
+    assert names[:4] == ["encoder.0 forward", "encoder.1 forward", "encoder.mu forward",
+                         "encoder.log_var forward"]
+    assert "discriminator.2 grad weight" in names and "layer" not in " ".join(names)
+
+
 def test_default_step_flops_scale_with_the_batch():
     config = Config()
     assert bench.step_flops(config, 256) == 2 * bench.step_flops(config, 128)
     products = bench.step_products(config, 128)
+    # 10 forwards; backward: discriminator 3 weight + 2 input gradients, its input-gradient
+    # pass for the generator 3, decoder 3 + 2, its pass to z 3, heads 2 + 2, encoder 2 + 1
+    assert len(products) == 10 + 5 + 3 + 5 + 3 + 4 + 3
     names = [p.name for p in products]
     assert "discriminator.0 forward" in names
     first = products[names.index("discriminator.0 forward")]
@@ -225,11 +237,11 @@ def test_arguments_reach_run(monkeypatch):
         seen.update(kwargs)
         return {"exit_code": 1}
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench.runner, "run", fake_run)
     assert bench.main(args) == 1
     assert seen == {"quick": True, "backends": ["numpy", "numba"], "batch_sizes": [64, 512],
                     "dtype": "all", "json_path": "a.json", "compare": "b.json",
-                    "chart_path": "c.png"}
+                    "chart_path": "c.png", "precision": "all"}
     defaults = parser.parse_args([])
     assert (defaults.quick, defaults.backend, defaults.dtype) == (False, None, "float32")
     with pytest.raises(SystemExit):
@@ -257,7 +269,7 @@ def test_pytest_args(tmp_path):
 def test_quick_run_end_to_end(tmp_path, report):
     saved = tmp_path / "saved.json"
     old = json.loads(json.dumps(report))
-    old["benchmarks"][0]["name"] = "test_step[numpy-b32-float32]"
+    old["benchmarks"][0]["name"] = "test_step[numpy-b32-float32-fp32]"
     saved.write_text(json.dumps(old))
     out = io.StringIO()
     results = bench.run(
@@ -271,15 +283,16 @@ def test_quick_run_end_to_end(tmp_path, report):
     [table] = results["tables"]
     assert (table["batch"], table["dtype"]) == (32, "float32")
     labels = [row["label"] for row in table["rows"]]
-    assert labels[0] == "numpy" and "matmul bound (cpu)" in labels
+    assert labels[0] == "numpy" and "products NumPy BLAS fp32" in labels
     numpy_row = table["rows"][0]
     assert numpy_row["median"] > 0 and numpy_row["speedup"] == pytest.approx(1.0)
     assert numpy_row["vs_bound"] > 0 and numpy_row["gflops"] > 0
     assert results["op_tables"] == []  # --quick leaves the kernels out
     text = out.getvalue()
-    assert "batch 32, float32" in text and "matmul bound (cpu)" in text
+    assert "batch 32, float32" in text and "products NumPy BLAS fp32" in text
+    assert "load before" in text and "numba products:" in text
     rows, _, _ = results["comparison"]
-    assert [row["name"] for row in rows] == ["test_step[numpy-b32-float32]"]
+    assert [row["name"] for row in rows] == ["test_step[numpy-b32-float32-fp32]"]
     assert f"compared with {saved}" in text
 
 
@@ -288,3 +301,38 @@ def test_machine_line():
     assert line == ("machine: Some CPU, 2 cores, load average 3.2 "
                     "(busy machines give noisy timings)")
     assert bench.machine_line({}, load=0.0).startswith("machine: unknown CPU")
+
+
+def labelled(name, median, kind, label, batch=128, precision="fp32"):
+    item = entry(name, median, kind, "numba" if kind == "step" else "torch", batch=batch,
+                 flops=FLOPS)
+    item["extra_info"].update(label=label, precision=precision)
+    return item
+
+
+def test_target_ratios_pair_the_issue_s_contenders():
+    report = {"benchmarks": [
+        labelled("a", 0.010, "step", "numba"), labelled("b", 0.005, "step", "numba bf16",
+                                                        precision="bf16"),
+        labelled("c", 0.0125, "torch", "torch autograd"),
+        labelled("d", 0.010, "torch", "torch autograd bf16-autocast", precision="bf16"),
+        labelled("e", 0.008, "torch", "torch hand-written"),
+        labelled("f", 0.004, "products", "products oneMKL bf16", precision="bf16"),
+        labelled("g", 0.006, "products", "products NumPy BLAS fp32"),
+        labelled("h", 0.012, "step", "numba serial"),
+    ]}
+    [table] = bench.summarise(bench.load_records(report))
+    ratios = {name: (ratio, target) for name, ratio, target in table["targets"]}
+    assert ratios["numba bf16 / torch autograd bf16-autocast"] == (pytest.approx(0.5), 0.6)
+    assert ratios["numba fp32 / torch autograd fp32"] == (pytest.approx(0.8), 0.8)
+    assert ratios["numba fp32 / torch hand-written fp32"] == (pytest.approx(1.25), 1.0)
+    assert ratios["numba bf16 / its bf16 products alone"] == (pytest.approx(1.25), None)
+    assert ratios["numba fp32 parallel / serial kernels"][0] == pytest.approx(10 / 12)
+    assert "numba fp32 / its fp32 products alone" not in ratios  # no oneMKL fp32 bound ran
+    rows = {row["label"]: row for row in table["rows"]}
+    assert rows["numba bf16"]["vs_torch"] == pytest.approx(0.5)  # against autocast
+    assert rows["numba"]["vs_torch"] == pytest.approx(0.8)  # against autograd fp32
+    assert rows["numba bf16"]["vs_bound"] == pytest.approx(1.25)  # its own precision's bound
+    text = bench.format_targets(table)
+    assert "numba bf16 / torch autograd bf16-autocast: 0.50x (target <= 0.6: met)" in text
+    assert "numba fp32 / torch hand-written fp32: 1.25x (target <= 1.0: not met)" in text

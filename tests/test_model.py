@@ -1,9 +1,11 @@
+import os
 import types
 
 import numpy as np
 import pytest
 
 from fastvae import Backend, gradcheck, kernels
+from fastvae.backend import default_backend_name
 from fastvae.config import Config
 from fastvae.errors import CheckpointError
 from fastvae.kernels import numpy_ref
@@ -166,11 +168,15 @@ def test_damaged_checkpoints_are_refused_clearly(tmp_path):
     assert list(tmp_path.glob(".*tmp")) == []
 
 
-def test_numba_training_step_allocates_nothing_of_array_size_in_steady_state():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_numba_training_step_allocates_nothing_of_array_size_in_steady_state(precision):
     import tracemalloc
     if "numba" not in kernels.available():
         pytest.skip("numba is not installed")
-    state = TrainState(VAEGAN(Config(seed=0), "numba"))
+    reason = kernels.load("numba").bf16_unavailable_reason()
+    if precision == "bf16" and reason:
+        pytest.skip(reason)
+    state = TrainState(VAEGAN(Config(seed=0, precision=precision), "numba"))
     x = state.backend.asarray(np.random.default_rng(0).random((128, 784)))
     for _ in range(3):
         state.step(x)                            # compile, allocate every buffer once
@@ -270,6 +276,7 @@ def test_the_default_backend_switch_reaches_a_model_built_without_one():
         with use_backend(backend):
             model = VAEGAN(gradcheck.small_config(dtype="float32"))
         assert model.backend.name == model.config.backend == backend
-        assert VAEGAN(gradcheck.small_config(dtype="float32")).backend.name == "numpy"
+        default = VAEGAN(gradcheck.small_config(dtype="float32")).backend.name
+        assert default == (os.environ.get("FASTVAE_BACKEND") or default_backend_name())
     finally:
         kernels.unregister("counting-default")
