@@ -1,6 +1,6 @@
 """The `fastvae` command: a thin layer of flags over library calls.
 
-train, reconstruct, sample, evaluate, bench, gradcheck; `fastvae COMMAND --help` for each.
+train, reconstruct, sample, evaluate, sweep, bench, gradcheck; `fastvae COMMAND --help` for each.
 A user's mistake (a fastvae.errors.FastvaeError) ends in one line on stderr and exit status 2;
 anything else is a bug and shows its traceback (set FASTVAE_DEBUG=1 to see one for a user
 error too).
@@ -188,6 +188,40 @@ def cmd_gradcheck(args):
     return 1 if failed else 0
 
 
+def cmd_sweep(args):
+    """Run (or with --show only report) an Optuna sweep; the work is fastvae.sweep's."""
+    from fastvae import sweep, sweep_report
+    file_config, file_sweep = sweep.read_sweep_file(args.config) if args.config else ({}, {})
+    given = {name for name in vars(args) if name in {f.name for f in dataclasses.fields(Config)}}
+    space = file_sweep.pop("space", []) + (args.param or [])
+    objectives = args.objective or file_sweep.pop("objectives", ())
+    file_sweep.pop("objectives", None)
+    local = {name: getattr(args, name) for name in sweep.PER_MACHINE if name in given}
+    runner = sweep.Sweep(args.run_dir, args.storage, args.study, args.heartbeat,
+                         data_dir=args.data_dir, download=not args.no_download, local=local)
+    if not args.show:
+        if args.trials is None:
+            raise ConfigError("say how many trials the sweep should hold: --trials N")
+        settings = None                  # join the stored sweep as it is
+        if space or args.config or given - set(sweep.PER_MACHINE):
+            config = build_config(argparse.Namespace(**{**vars(args), "config": None}),
+                                  Config.from_dict({**Config().to_dict(), **file_config}))
+            evaluation = {key: getattr(args, key) for key in sweep.EVALUATION
+                          if getattr(args, key) is not None}
+            settings = sweep.SweepSettings(
+                config, space, objectives,
+                **{**file_sweep, **evaluation})
+        try:
+            runner.run(settings, args.trials, args.workers, args.threads)
+        except KeyboardInterrupt:
+            print(sweep_report.report(runner))
+            print("fastvae sweep: interrupted; the interrupted trials run again, with their "
+                  "settings, when the same command runs again", file=sys.stderr)
+            return 130
+    print(sweep_report.report(runner))
+    return 0
+
+
 def _checkpoint_flags(parser):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.npz from fastvae train")
     parser.add_argument("--backend", default=None, help="run on this backend (default: saved one)")
@@ -252,6 +286,45 @@ def make_parser():
     evaluate.add_argument("--seed", type=int, default=0, help="noise and sampling seed")
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    sweep = commands.add_parser(
+        "sweep", help="many trainings over a search space on Optuna (needs the sweep extra), "
+                      "and the Pareto front they find")
+    sweep.add_argument("--run-dir", default="runs/sweep",
+                       help="the sweep's folder: journal storage, trials/NNNN runs, report "
+                            "(default runs/sweep)")
+    sweep.add_argument("--config", help="TOML file of settings, with an optional [sweep] table "
+                                         "(params, objectives, eval_images, ...)")
+    sweep.add_argument("--param", action="append", metavar="NAME=KIND:SPEC",
+                       help="a swept setting: gamma=log:0.01:10, latent_dim=int:8:128 "
+                            "(logint:), lr_decoder=float:1e-4:1e-3, "
+                            "reconstruction=choice:pixel,feature; repeat for more")
+    sweep.add_argument("--objective", action="append", metavar="METRIC[:min|max]",
+                       help="a measure of fastvae evaluate to optimise (default: "
+                            "reconstruction_bce and fid_samples, the Pareto front); repeatable")
+    sweep.add_argument("--trials", type=int,
+                       help="the study holds this many finished or failed trials on return")
+    sweep.add_argument("--workers", type=int, default=1, help="processes on this machine")
+    sweep.add_argument("--threads", type=int,
+                       help="pin each worker to N Numba/BLAS threads; 0: unpinned (default: "
+                            "the cores shared out among 2 or more workers, else unpinned)")
+    sweep.add_argument("--storage", help="an Optuna RDB URL, e.g. postgresql://user:pw@host/db "
+                                         "(default: a journal file in --run-dir)")
+    sweep.add_argument("--study", default="fastvae", help="the study's name (default fastvae)")
+    sweep.add_argument("--heartbeat", type=int, default=60,
+                       help="seconds between a worker's heartbeats in a database; a trial "
+                            "silent for twice that is failed and retried (default 60)")
+    sweep.add_argument("--show", action="store_true",
+                       help="only print the trials (Pareto-optimal first), write trials.csv "
+                            "and pareto.png")
+    for key, meaning in (("eval_images", "test images measured, 0: all (default 2000)"),
+                         ("eval_k", "importance samples of the IWAE bound (default 1)"),
+                         ("kid_subsets", "KID subsets of 1000 (default 10)"),
+                         ("classifier_epochs", "of the evaluation classifier (default 10)")):
+        sweep.add_argument("--" + key.replace("_", "-"), type=int, help=meaning)
+    _data_flags(sweep)
+    _add_config_flags(sweep)
+    sweep.set_defaults(func=cmd_sweep)
 
     gradcheck = commands.add_parser("gradcheck", help="check gradients and backend kernels")
     gradcheck.add_argument("--backend", action="append",

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The sweep's overhead and its 2-worker speed-up, with docs/sweep.toml's trials:
+#   1. N trials by `fastvae sweep` with 1 and with 2 workers, each pinned to 1 thread and
+#      unpinned: wall time and trials per hour of each;
+#   2. the same N trials (their settings from the 1-worker sweep) by `fastvae train` then
+#      `fastvae evaluate` with the sweep's evaluation settings, one after the other.
+# usage: bash bench/sweep_speed.sh [OUT_DIR (default /tmp/sweep-speed)] [N (default 4)]
+# Needs the evaluation classifier cached (any earlier `fastvae sweep`/`evaluate` trains it).
+set -euo pipefail
+out=${1:-/tmp/sweep-speed}
+trials=${2:-4}
+fixed=(--backend numba --epochs 3 --train-limit 10000 --test-limit 2000)
+rm -rf "$out" && mkdir -p "$out"
+
+seconds() {   # wall seconds of a command, its output into $out/log
+    local start end
+    start=$(date +%s.%N)
+    "$@" >>"$out/log" 2>&1
+    end=$(date +%s.%N)
+    python3 -c "print(f'{$end - $start:.1f}')"
+}
+
+line() {  # label, seconds
+    python3 -c "print(f'$1: $trials trials in $2 s, {3600 * $trials / $2:.0f} trials/h, ' \
+                      f'load average $(cut -d' ' -f1-3 /proc/loadavg)')"
+}
+
+for setup in "1 1" "1 0" "2 1" "2 0"; do
+    read -r workers threads <<<"$setup"
+    wall=$(seconds fastvae sweep --config docs/sweep.toml --run-dir "$out/w$workers-t$threads" \
+                   --trials "$trials" --workers "$workers" --threads "$threads")
+    line "fastvae sweep, $workers worker(s), threads ${threads/#0/unpinned}" "$wall"
+done
+
+export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+total=0
+while IFS=, read -r number flags; do
+    # shellcheck disable=SC2086
+    train=$(seconds fastvae train "${fixed[@]}" $flags --quiet --run-dir "$out/train-$number")
+    evaluate=$(seconds fastvae evaluate --checkpoint "$out/train-$number/checkpoint.npz" \
+                       --limit 2000 --samples 2000 --k 1 --kid-subsets 10)
+    total=$(python3 -c "print($total + $train + $evaluate)")
+done < <(python3 - "$out/w1-t1/trials.csv" <<'EOF'
+import csv, sys
+swept = ("gamma", "latent_dim", "lr_encoder", "lr_decoder", "lr_discriminator")
+for row in csv.DictReader(open(sys.argv[1])):
+    if row["state"] == "done":
+        print(row["trial"] + "," + " ".join(f"--{k.replace('_', '-')} {row[k]}" for k in swept))
+EOF
+)
+line "fastvae train + fastvae evaluate, one by one, 1 thread" "$(printf %.1f "$total")"
+python3 - "$out/w1-t1/trials.csv" <<'EOF'
+import csv, sys
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r["state"] == "done"]
+inside = sum(float(r["train_seconds"]) + float(r["eval_seconds"]) for r in rows)
+wall = sum(float(r["wall_seconds"]) for r in rows)
+print(f"1-worker sweep: {wall:.1f} s in its trials (Optuna's start to end), of which "
+      f"{inside:.1f} s training and evaluating: {100 * (wall - inside) / inside:.2f} % around them")
+EOF
