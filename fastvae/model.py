@@ -71,10 +71,10 @@ class VAEGAN:
     """Encoder, decoder (generator) and discriminator, trained as in Larsen et al. 2015.
 
     Encoder loss: kl_weight x KL + reconstruction. Decoder loss: gamma x reconstruction +
-    adversarial (non-saturating, on reconstructions and on decoded prior samples). Discriminator loss:
-    BCE of real vs (0.5 reconstructions + 0.5 prior samples). The adversarial loss never
-    reaches the encoder, the reconstruction never updates the discriminator, and all three
-    gradients are computed before any network is updated.
+    adversarial (non-saturating, on reconstructions and on decoded prior samples).
+    Discriminator loss: BCE of real vs (0.5 reconstructions + 0.5 prior samples). The
+    adversarial loss never reaches the encoder, the reconstruction never updates the
+    discriminator, and all three gradients are computed before any network is updated.
     """
 
     def __init__(self, config=None, backend=None, **overrides):
