@@ -129,6 +129,12 @@ class Classifier:
         return np.concatenate([logits for logits, _ in self._forward(images)] or
                               [np.empty((0, NUM_CLASSES))])
 
+    def probabilities(self, images):
+        """Softmax of the class scores, (N, 10) float64 (shifted by the row maximum)."""
+        logits = self.logits(images).astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
     def predict(self, images):
         """The most likely digit of each image, (N,) int64."""
         return np.argmax(self.logits(images), axis=1)

@@ -268,7 +268,7 @@ def make_parser():
 
     evaluate = commands.add_parser(
         "evaluate", help="test-set likelihood bounds, reconstruction error, classifier "
-                         "accuracy, FID and KID")
+                         "accuracy, FID, KID and the share of recognisable samples")
     _checkpoint_flags(evaluate)
     _data_flags(evaluate)
     evaluate.add_argument("--limit", type=int, default=0, help="first N test images (0: all)")

@@ -23,7 +23,8 @@ LENGTHS = {"betas_encoder": 2, "betas_decoder": 2, "betas_discriminator": 2}  # 
 class Config:
     # --- model ---
     image_size: int = 784                     # pixels per image (28 x 28 for MNIST)
-    latent_dim: int = 128                     # size of z, and of the mu and log-variance heads
+    latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
+                                              # (16 sampled best in docs/evaluation.md's sweep)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
     decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
     discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
@@ -33,18 +34,26 @@ class Config:
     mode: str = "vaegan"                      # vaegan, or vae (no discriminator) for comparison
     reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
-    gamma: float = 1.0                        # weight of reconstruction vs adversarial in the decoder
+    gamma: float = 1.0                        # weight of reconstruction vs adversarial in the
+                                              # decoder (docs/method.md: the paper's is 2x)
+    kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
-    lr_encoder: float = 2e-4                  # learning rate of the encoder's optimizer
-    lr_decoder: float = 2e-4                  # learning rate of the decoder's optimizer
-    lr_discriminator: float = 2e-4            # learning rate of the discriminator's optimizer
+    lr_encoder: float = 5e-4                  # learning rate of the encoder's optimizer
+    lr_decoder: float = 5e-4                  # learning rate of the decoder's optimizer
+    lr_discriminator: float = 5e-4            # learning rate of the discriminator's optimizer
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
     betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
     clip_grad_norm: float = 0.0               # clip each network's gradient to this L2 norm; 0: off
+    gating: bool = False                      # Larsen's equilibrium gating: the discriminator skips
+                                              # its update while its real or fake BCE is below
+                                              # equilibrium - margin, the decoder while either
+                                              # is above equilibrium + margin (never both)
+    equilibrium: float = 0.68                 # the gating's equilibrium BCE (about -log 0.5)
+    margin: float = 0.4                       # the gating's margin (the authors' code: 0.4)
     # --- training ---
-    epochs: int = 10                          # passes over the training set
+    epochs: int = 20                          # passes over the training set
     batch_size: int = 128                     # images per training step
     seed: int = 0                             # seeds the weights, the noise and the data order
     dtype: str = "float32"                    # float32 | float64
@@ -103,12 +112,15 @@ class Config:
              "feature_layer",
              f"`feature_layer` {self.feature_layer} is not a discriminator hidden layer"),
             (self.gamma >= 0, "gamma", "`gamma` must be non-negative"),
+            (self.kl_weight > 0, "kl_weight", "`kl_weight` must be positive"),
             (self.optimizer in OPTIMIZERS, "optimizer",
              f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
             (bad_lr is None, bad_lr, f"learning rates must be positive (`{bad_lr}`)"),
             (bad_betas is None, bad_betas, f"betas must lie in [0, 1) (`{bad_betas}`)"),
             (self.clip_grad_norm >= 0, "clip_grad_norm",
              "`clip_grad_norm` must be non-negative (0 turns it off)"),
+            (self.equilibrium > 0, "equilibrium", "`equilibrium` must be positive"),
+            (self.margin >= 0, "margin", "`margin` must be non-negative"),
             (self.epochs >= 0, "epochs", "`epochs` must be non-negative"),
             (self.seed >= 0, "seed", f"`seed` must be non-negative, got {self.seed}"),
             (self.batch_size >= 1, "batch_size", "`batch_size` must be at least 1"),

@@ -119,7 +119,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
 
     losses()
     grads = {name: np.array(grad) for name, grad in model.grads.items()}
-    label = f"{config.mode}/{config.reconstruction}"
+    label = f"{config.mode}/{config.reconstruction}" + (
+        f" kl x{config.kl_weight:g}" if config.kl_weight != 1 else "")
     checks = []
     for name, params in model.params.items():
         coords = _coords(params.size, count, rng)
@@ -133,7 +134,8 @@ def model_checks(config=None, seed=0, batch=6, count=40):
 def all_model_checks(seed=0):
     return (model_checks(small_config(), seed)
             + model_checks(small_config(reconstruction="feature", feature_layer=0), seed)
-            + model_checks(small_config(mode="vae"), seed))
+            + model_checks(small_config(mode="vae"), seed)
+            + model_checks(small_config(kl_weight=0.3, gamma=0.2), seed))
 
 
 def _kernel_cases(rng, dtype):
@@ -176,6 +178,15 @@ def _kernel_cases(rng, dtype):
           1e-8, 3], [0, 2, 3]),
         ("sgd_update", "sgd_update", [rand(999), rand(999), rand(999), 1e-2, 0.9], [0, 2]),
     ]
+    for apply in (1.0, 0.0):  # equilibrium gating's mask, a 0-d array: applied and skipped
+        mask = np.asarray(apply)
+        cases += [
+            (f"adam_update apply {apply:g}", "adam_update",
+             [rand(999), rand(999), rand(999) * 0.1, np.abs(rand(999)) * 0.1, 1e-3, 0.5, 0.999,
+              1e-8, 3, mask], [0, 2, 3]),
+            (f"sgd_update apply {apply:g}", "sgd_update",
+             [rand(999), rand(999), rand(999), 1e-2, 0.9, mask], [0, 2]),
+        ]
     return cases
 
 

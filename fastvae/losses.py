@@ -37,21 +37,21 @@ def squared_error(pred, target, *, weight=1.0, grad_out=None, backend=None):
     return loss, grad_out
 
 
-def reparameterize(mu, log_var, eps, *, z_out=None, backend=None):
-    """z = mu + sigma * eps, and KL(N(mu, sigma^2) || N(0, I)) per sample."""
+def reparameterize(mu, log_var, eps, *, weight=1.0, z_out=None, backend=None):
+    """z = mu + sigma * eps, and weight x KL(N(mu, sigma^2) || N(0, I)) per sample."""
     backend = resolve(backend)
     z_out = _grad_buffer(backend, mu, z_out)
-    kl = backend.ops.kl_reparam_forward(mu, log_var, eps, 1.0 / mu.shape[0], z_out)
+    kl = backend.ops.kl_reparam_forward(mu, log_var, eps, weight / mu.shape[0], z_out)
     return z_out, kl
 
 
-def reparameterize_backward(grad_z, mu, log_var, eps, *, grad_mu=None, grad_log_var=None,
-                            backend=None):
-    """Gradients of (loss through z) + KL with respect to mu and log_var."""
+def reparameterize_backward(grad_z, mu, log_var, eps, *, weight=1.0, grad_mu=None,
+                            grad_log_var=None, backend=None):
+    """Gradients of (loss through z) + weight x KL with respect to mu and log_var."""
     backend = resolve(backend)
     grad_mu = _grad_buffer(backend, mu, grad_mu)
     grad_log_var = _grad_buffer(backend, log_var, grad_log_var)
     backend.ops.kl_reparam_backward(
-        grad_z, mu, log_var, eps, 1.0 / mu.shape[0], grad_mu, grad_log_var
+        grad_z, mu, log_var, eps, weight / mu.shape[0], grad_mu, grad_log_var
     )
     return grad_mu, grad_log_var

@@ -70,11 +70,11 @@ def Discriminator(config, rng, backend):
 class VAEGAN:
     """Encoder, decoder (generator) and discriminator, trained as in Larsen et al. 2015.
 
-    Encoder loss: KL + reconstruction. Decoder loss: gamma x reconstruction + adversarial
-    (non-saturating, on reconstructions and on decoded prior samples). Discriminator loss:
-    BCE of real vs (0.5 reconstructions + 0.5 prior samples). The adversarial loss never
-    reaches the encoder, the reconstruction never updates the discriminator, and all three
-    gradients are computed before any network is updated.
+    Encoder loss: kl_weight x KL + reconstruction. Decoder loss: gamma x reconstruction +
+    adversarial (non-saturating, on reconstructions and on decoded prior samples).
+    Discriminator loss: BCE of real vs (0.5 reconstructions + 0.5 prior samples). The
+    adversarial loss never reaches the encoder, the reconstruction never updates the
+    discriminator, and all three gradients are computed before any network is updated.
     """
 
     def __init__(self, config=None, backend=None, **overrides):
@@ -133,7 +133,9 @@ class VAEGAN:
         mu, log_var = self.encoder.forward(x)
         eps = self._noise(self._buffer("eps", (batch, latent)), eps)
         z = self._buffer("z", ((2 if vaegan else 1) * batch, latent))
-        _, kl = losses.reparameterize(mu, log_var, eps, z_out=z[:batch], backend=self.backend)
+        kl_weight = self.config.kl_weight
+        _, weighted_kl = losses.reparameterize(mu, log_var, eps, weight=kl_weight,
+                                               z_out=z[:batch], backend=self.backend)
         if vaegan:
             self._noise(z[batch:], prior_z)
         logits = self.decoder.forward(z, logits=True)
@@ -142,13 +144,13 @@ class VAEGAN:
         else:
             grad_z, step_losses = self._vae_gradients(x, logits)
         grad_mu, grad_log_var = losses.reparameterize_backward(
-            grad_z, mu, log_var, eps, backend=self.backend,
+            grad_z, mu, log_var, eps, weight=kl_weight, backend=self.backend,
             grad_mu=self._buffer("grad_mu", mu.shape),
             grad_log_var=self._buffer("grad_log_var", log_var.shape),
         )
         self.encoder.backward(grad_mu, grad_log_var)
-        step_losses["kl"] = kl
-        step_losses["encoder"] = kl + step_losses["reconstruction"]
+        step_losses["kl"] = weighted_kl if kl_weight == 1 else weighted_kl * (1.0 / kl_weight)
+        step_losses["encoder"] = weighted_kl + step_losses["reconstruction"]
         return step_losses
 
     def _vae_gradients(self, x, logits):

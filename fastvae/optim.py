@@ -25,11 +25,13 @@ class Adam:
         self.exp_avg = backend.zeros(params.shape)
         self.exp_avg_sq = backend.zeros(params.shape)
 
-    def update(self, step):
-        """Apply the gradients as update number `step` (1 for the first; sets bias correction)."""
+    def update(self, step, apply=None):
+        """Apply the gradients as update number `step` (1 for the first; sets bias correction);
+        `apply`, a 0-d 1.0/0.0 array, skips the update where 0 (moments unchanged too)."""
         self.backend.ops.adam_update(
             self.params, self.grads, self.exp_avg, self.exp_avg_sq,
-            self.lr, self.betas[0], self.betas[1], self.eps, step, **_bf16_copy(self.params16),
+            self.lr, self.betas[0], self.betas[1], self.eps, step, apply,
+            **_bf16_copy(self.params16),
         )
 
     def state(self):
@@ -50,10 +52,11 @@ class SGD:
         self.lr, self.momentum = lr, momentum
         self.velocity = backend.zeros(params.shape)
 
-    def update(self, step):
-        """Apply the gradients (the update does not depend on the step number)."""
+    def update(self, step, apply=None):
+        """Apply the gradients (the update does not depend on the step number); `apply` 0 (a
+        0-d array) skips it."""
         self.backend.ops.sgd_update(self.params, self.grads, self.velocity, self.lr,
-                                    self.momentum, **_bf16_copy(self.params16))
+                                    self.momentum, apply, **_bf16_copy(self.params16))
 
     def state(self):
         return {"velocity": self.velocity}

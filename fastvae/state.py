@@ -14,6 +14,7 @@ import numpy as np
 from fastvae import archive
 from fastvae.config import Config
 from fastvae.errors import CheckpointError, ConfigError
+from fastvae.gating import equilibrium_masks
 from fastvae.model import VAEGAN
 from fastvae.optim import clip_norm, make_optimizer
 
@@ -27,10 +28,12 @@ class TrainState:
 
     `optimizers` maps each name of `model.params` to its optimizer (default: as the model's
     config sets them); `clip_grad_norm` > 0 clips each network's gradient to that L2 norm
-    before its update (default: the config's).
+    before its update (default: the config's); `gating`, (equilibrium, margin), turns on
+    Larsen's equilibrium gating of the discriminator's and decoder's updates (default: the
+    config's `gating`, `equilibrium`, `margin`).
     """
 
-    def __init__(self, model, optimizers=None, clip_grad_norm=None):
+    def __init__(self, model, optimizers=None, clip_grad_norm=None, gating=None):
         self.model, self.backend = model, model.backend
         config = getattr(model, "config", None)
         if optimizers is None:
@@ -42,9 +45,32 @@ class TrainState:
         self.optimizers = optimizers
         self.clip_grad_norm = (config.clip_grad_norm if clip_grad_norm is None
                                else clip_grad_norm)
-        self.steps = {name: 0 for name in optimizers}   # updates applied, per network
-        self._device_steps = None  # with a graph: the counts as 0-d device arrays, advanced there
-        self._graph = None
+        if gating is None and getattr(config, "gating", False):
+            gating = (config.equilibrium, config.margin)
+        self.gating = gating if "discriminator" in optimizers else None  # (equilibrium, margin)
+        self._host_steps = {name: 0 for name in optimizers}   # updates applied, per network
+        self._device_steps = None  # the counts as 0-d device arrays, advanced there: with a
+        self._graph = None         # graph (a replay reads no host number) or with gating (a
+        if self.gating:            # masked update advances its count only on the device)
+            self._count_on_device()
+
+    @property
+    def steps(self):
+        """Updates applied, per network (reading device counts waits for the device)."""
+        if self._device_steps is None:
+            return dict(self._host_steps)
+        return {name: int(count) for name, count in self._device_steps.items()}
+
+    @steps.setter
+    def steps(self, counts):
+        self._host_steps = {name: int(counts[name]) for name in self.optimizers}
+        if self._device_steps is not None:
+            for name, counter in self._device_steps.items():
+                counter[...] = self._host_steps[name]
+
+    def _count_on_device(self):
+        self._device_steps = {name: self.backend.xp.asarray(float(count))
+                              for name, count in self.steps.items()}
 
     # ----- the step -----
 
@@ -58,26 +84,37 @@ class TrainState:
         if self._graph is not None:
             return self._graph.replay(*batch)
         losses = self.model.compute_gradients(*batch)
-        self._apply_updates()
+        self._apply_updates(losses)
         return losses
 
-    def _apply_updates(self):
-        """Clip and update each network: the one place that decides which updates run."""
+    def update_masks(self, losses):
+        """Per network, None (update) or equilibrium gating's 0-d mask, computed on the device
+        from the step's discriminator losses (see fastvae.gating)."""
+        masks = dict.fromkeys(self.optimizers)
+        if self.gating and losses is not None:
+            masks["discriminator"], masks["decoder"] = equilibrium_masks(
+                losses["disc_real"], losses["disc_fake"], *self.gating, self.backend.xp)
+        return masks
+
+    def _apply_updates(self, losses=None):
+        """Clip and update each network: the one place that decides which updates run (gating
+        needs the step's `losses`; without them every network updates)."""
         xp = self.backend.xp
-        for name, optimizer in self.optimizers.items():
+        for name, mask in self.update_masks(losses).items():
+            optimizer = self.optimizers[name]
             if self.clip_grad_norm > 0:
                 clip_norm(optimizer.grads, self.clip_grad_norm, xp)
-            optimizer.update(self._advance(name))
+            optimizer.update(self._advance(name, mask), mask)
 
-    def _advance(self, name):
-        """The number of `name`'s next update: counted on the host, or on the device inside a
-        graph (a replay cannot read a host number that changes)."""
+    def _advance(self, name, mask=None):
+        """The number of `name`'s next update (advanced by `mask` where one is given): counted
+        on the host, or on the device with a graph or gating."""
         if self._device_steps is not None:
             counter = self._device_steps[name]
-            counter += 1
+            counter += 1.0 if mask is None else mask
             return counter
-        self.steps[name] += 1
-        return self.steps[name]
+        self._host_steps[name] += 1
+        return self._host_steps[name]
 
     def non_finite_networks(self):
         """Names of the networks with a NaN or infinite parameter (one host read each)."""
@@ -118,7 +155,7 @@ class TrainState:
             "format": FORMAT,
             "version": VERSION,
             "config": self.model.config.to_dict(),
-            "step_counts": dict(self.steps),
+            "step_counts": self.steps,
             "noise_rng": self.backend.rng.bit_generator.state,
             "extra": extra or {},
             "sha256": archive.digest(arrays),
@@ -150,10 +187,8 @@ class TrainState:
             prefix = f"optimizer/{name}/"
             optimizer.load_state({key[len(prefix):]: value for key, value in arrays.items()
                                   if key.startswith(prefix)})
-            self.steps[name] = int(header["step_counts"][name])
+        self.steps = header["step_counts"]   # the device counts too, where there are any
         self.backend.rng.bit_generator.state = header["noise_rng"]
-        if self._graph is not None:
-            self._graph.sync_counts()
         return header["extra"]
 
     @classmethod
@@ -222,18 +257,20 @@ class CapturedStep:
         self.state = state
         self.x = backend.zeros((batch_size, model.config.image_size))
         self._warm_up()
-        state._device_steps = {name: backend.xp.asarray(float(count))
-                               for name, count in state.steps.items()}
+        counted_on_host = state._device_steps is None
+        if counted_on_host:
+            state._count_on_device()
         try:
             self.graph = capture(self._record)
         except BaseException:
-            state._device_steps = None   # eager steps count on the host again
+            if counted_on_host:
+                state._host_steps, state._device_steps = state.steps, None
             raise
 
     def _record(self):
         """The step as the graph records it: every count advanced on the device."""
         losses = self.state.model.compute_gradients(self.x)
-        self.state._apply_updates()
+        self.state._apply_updates(losses)
         return losses
 
     def _warm_up(self):
@@ -244,19 +281,13 @@ class CapturedStep:
         saved = {name: (model.params[name].copy(),
                         {key: value.copy() for key, value in optimizer.state().items()})
                  for name, optimizer in state.optimizers.items()}
-        counts = dict(state.steps)
+        counts = state.steps
         zeros = np.zeros((len(self.x), model.config.latent_dim))
-        model.compute_gradients(self.x, eps=zeros, prior_z=zeros)
-        state._apply_updates()
+        state._apply_updates(model.compute_gradients(self.x, eps=zeros, prior_z=zeros))
         for name, (params, arrays) in saved.items():
             model.params[name][...] = params
             state.optimizers[name].load_state(arrays)
         state.steps = counts
-
-    def sync_counts(self):
-        """Set the device counts to the host ones (after a restore)."""
-        for name, counter in self.state._device_steps.items():
-            counter[...] = self.state.steps[name]
 
     def replay(self, x):
         """One replayed step on batch `x`; returns the graph's loss arrays."""
@@ -265,7 +296,5 @@ class CapturedStep:
                              f"got {x.shape}")
         if x is not self.x:
             self.x[...] = x
-        self.graph.launch()
-        for name in self.state.steps:   # the device counts advanced too
-            self.state.steps[name] += 1
+        self.graph.launch()   # advances the device counts (by the gating masks)
         return self.graph.result

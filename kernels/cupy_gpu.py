@@ -135,27 +135,34 @@ ELEMENTWISE = {
     # lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps): the bias-corrected
     # update of Kingma & Ba with one division. `step` t is a host number or a 0-d float64
     # device array (broadcast): a captured CUDA graph advances the count on the device.
+    # `apply` (1.0 or 0.0, a host number or a 0-d device array) skips the update where 0:
+    # equilibrium gating decides it on the device, inside the graph.
     "adam": (
         ("grad",),
         (("float64", "beta1"), ("float64", "beta2"), ("float64", "lr"), ("float64", "eps"),
-         ("float64", "step")),
+         ("float64", "step"), ("float64", "apply")),
         ("param", "exp_avg", "exp_avg_sq"),
         """
-        const T step_size = (T)(lr / (1.0 - pow(beta1, (double)step)));
-        const T inv_sqrt_correction2 = (T)(1.0 / sqrt(1.0 - pow(beta2, (double)step)));
-        const T m = (T)beta1 * exp_avg + (T)(1.0 - beta1) * grad;
-        const T v = (T)beta2 * exp_avg_sq + (T)(1.0 - beta2) * (grad * grad);
-        exp_avg = m;
-        exp_avg_sq = v;
-        param -= step_size * m / (sqrt(v) * inv_sqrt_correction2 + (T)eps);
+        if (apply != 0.0) {
+            const T step_size = (T)(lr / (1.0 - pow(beta1, (double)step)));
+            const T inv_sqrt_correction2 = (T)(1.0 / sqrt(1.0 - pow(beta2, (double)step)));
+            const T m = (T)beta1 * exp_avg + (T)(1.0 - beta1) * grad;
+            const T v = (T)beta2 * exp_avg_sq + (T)(1.0 - beta2) * (grad * grad);
+            exp_avg = m;
+            exp_avg_sq = v;
+            param -= step_size * m / (sqrt(v) * inv_sqrt_correction2 + (T)eps);
+        }
         """,
         "",
     ),
     "sgd": (
-        ("grad",), (("T", "lr"), ("T", "momentum")), ("param", "velocity"),
+        ("grad",), (("T", "lr"), ("T", "momentum"), ("float64", "apply")),
+        ("param", "velocity"),
         """
-        velocity = momentum * velocity + grad;
-        param -= lr * velocity;
+        if (apply != 0.0) {
+            velocity = momentum * velocity + grad;
+            param -= lr * velocity;
+        }
         """,
         "",
     ),
@@ -627,20 +634,27 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
                                               grad_mu, grad_log_var)
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step):
+def _device_or_float(value):
+    """A 0-d device array as it is (read on the device), anything else as a host float."""
+    return value if isinstance(value, cupy.ndarray if cupy is not None else ()) else float(value)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None):
     """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
 
-    `step` may be a 0-d float64 device array holding the count (read on the device).
+    `step` may be a 0-d float64 device array holding the count (read on the device), and so
+    may `apply` (1.0 or 0.0; None: 1): where it is 0 the kernel leaves everything unchanged.
     """
-    if not isinstance(step, cupy.ndarray if cupy is not None else ()):
-        step = float(step)
-    elementwise_kernel("adam")(grad, float(beta1), float(beta2), float(lr), float(eps), step,
+    elementwise_kernel("adam")(grad, float(beta1), float(beta2), float(lr), float(eps),
+                               _device_or_float(step), _device_or_float(1.0 if apply is None
+                                                                        else apply),
                                param, exp_avg, exp_avg_sq)
 
 
-def sgd_update(param, grad, velocity, lr, momentum):
-    """One step of SGD with (heavy-ball) momentum, in place."""
-    elementwise_kernel("sgd")(grad, float(lr), float(momentum), param, velocity)
+def sgd_update(param, grad, velocity, lr, momentum, apply=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `apply` 0 skips it (as Adam's)."""
+    elementwise_kernel("sgd")(grad, float(lr), float(momentum),
+                              _device_or_float(1.0 if apply is None else apply), param, velocity)
 
 
 # ----------------------------------------------------------------------------- random numbers

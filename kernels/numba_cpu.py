@@ -747,10 +747,14 @@ def _parallel(param):
     return PARALLEL and param.dtype == np.float32
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, param16=None):
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None,
+                param16=None):
     """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
 
-    `param16`, if given, receives bf16(param) in the same pass (the products' weight copy)."""
+    `apply` 0 (a 0-d array on the host) skips it, as in the reference; `param16`, if given,
+    receives bf16(param) in the same pass (the products' weight copy)."""
+    if apply is not None and not apply:
+        return
     real = param.dtype.type
     beta1, beta2 = float(beta1), float(beta2)
     kernel = _adam_parallel if _parallel(param) else _adam
@@ -761,8 +765,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, p
            _flat_out(param16) if want16 else _NO16_FLAT, want16)
 
 
-def sgd_update(param, grad, velocity, lr, momentum, param16=None):
-    """One step of SGD with (heavy-ball) momentum, in place; `param16` as for Adam."""
+def sgd_update(param, grad, velocity, lr, momentum, apply=None, param16=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `apply` 0 skips it and `param16`
+    is refreshed, as for Adam."""
+    if apply is not None and not apply:
+        return
     real = param.dtype.type
     kernel = _sgd_parallel if _parallel(param) else _sgd
     want16 = param16 is not None

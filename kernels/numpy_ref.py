@@ -161,10 +161,15 @@ def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
     grad_log_var[...] = grad_z * eps * 0.5 * std + scale * 0.5 * (std * std - 1)
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, param16=None):
+def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None,
+                param16=None):
     """One Adam step in place (Kingma & Ba, with bias correction); `step` counts from 1.
 
+    `apply`, a 0-d array holding 1.0 or 0.0 (None: 1), skips the whole update where it is 0:
+    parameters, moments and `param16` keep their values (the caller keeps the step count).
     `param16`, if given, receives bf16(param) after the step (the products' weight copy)."""
+    if apply is not None and not apply:
+        return
     exp_avg *= beta1
     exp_avg += (1 - beta1) * grad
     exp_avg_sq *= beta2
@@ -176,8 +181,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, p
         to_bf16(param, param16)
 
 
-def sgd_update(param, grad, velocity, lr, momentum, param16=None):
-    """One step of SGD with (heavy-ball) momentum, in place; `param16` as for Adam."""
+def sgd_update(param, grad, velocity, lr, momentum, apply=None, param16=None):
+    """One step of SGD with (heavy-ball) momentum, in place; `apply` 0 skips it and `param16`
+    is refreshed, as for Adam."""
+    if apply is not None and not apply:
+        return
     velocity *= momentum
     velocity += grad
     param -= lr * velocity

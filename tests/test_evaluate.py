@@ -216,6 +216,86 @@ def test_classifier_training_is_seeded():
     assert not np.array_equal(first.params["network"], other.params["network"])
 
 
+# ----- recognisable share and mode coverage -----
+
+def test_recognisable_needs_confidence_and_features_inside_the_class_region():
+    probabilities = np.array([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.92, 0.08]])
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.2], [9.0, 0.0]])
+    regions = (np.array([[1.0, 0.0], [0.0, 1.0]]), np.eye(2) / 0.25, 1.0)   # radius 0.5
+    # row 1 is not confident, row 3 is confident but far outside class 0's region
+    np.testing.assert_array_equal(evaluate.recognisable(probabilities, features, regions),
+                                  [True, False, True, False])
+    np.testing.assert_array_equal(evaluate.class_shares(probabilities), [0.75, 0.25])  # a tie: 0
+
+
+def test_class_regions_hold_the_chosen_share_and_follow_the_covariance():
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 10.0, 0.1, 1.0])      # the Mahalanobis distance undoes the scales
+    features = np.concatenate([rng.normal(0, 1, (5000, 4)), rng.normal(5, 1, (5000, 4))]) * scale
+    probabilities = np.repeat(np.eye(3)[:2], 5000, axis=0)    # class 2 is never predicted
+    regions = evaluate.class_regions(features, probabilities, quantile=0.9)
+    centroids, precision, radius = regions
+    np.testing.assert_allclose(centroids[:2], [[0] * 4, 5 * scale], atol=0.3)
+    assert np.isnan(centroids[2]).all()
+    np.testing.assert_allclose(np.diag(precision), 1 / scale**2, rtol=0.05)
+    assert radius == pytest.approx(np.sqrt(7.78), rel=0.03)   # chi-square(4) 90 % point
+    inside = evaluate.recognisable(probabilities, features, regions)
+    assert inside.mean() == pytest.approx(0.9, abs=0.005)   # the radius is fitted on half
+    # a point one radius away along the widest axis is inside, along the narrowest outside
+    probe = np.array([[0.0, 0.9 * radius * 10.0, 0, 0], [0, 0, 1.1 * radius * 0.1, 0]])
+    np.testing.assert_array_equal(evaluate.recognisable(np.eye(3)[[0, 0]], probe, regions),
+                                  [True, False])
+    assert not evaluate.recognisable(np.eye(3)[[2]], probe[:1], regions).any()
+
+
+@pytest.fixture(scope="module")
+def digit_regions(classifier_cache, mnist_dir):
+    """The 2-epoch classifier, the regions of 5,000 training images, 2,000 test images."""
+    _, model = classifier_cache
+    train, _ = data.load_split("mnist", "train", mnist_dir, download=False, limit=5000)
+    test, labels = data.load_split("mnist", "test", mnist_dir, download=False, limit=2000)
+    regions = evaluate.class_regions(model.features(train), model.probabilities(train))
+    return model, regions, test, labels
+
+
+def quality(model, regions, images):
+    return evaluate.sample_class_metrics(model.probabilities(images), model.features(images),
+                                         regions)
+
+
+def test_real_test_images_are_recognisable_and_cover_every_digit_evenly(digit_regions):
+    model, regions, test, labels = digit_regions
+    metrics = quality(model, regions, test)
+    assert metrics["recognisable_samples"] >= 0.85   # the ceiling
+    truth = np.bincount(labels, minlength=10) / len(labels)
+    for digit in range(10):
+        assert metrics[f"sample_class_{digit}"] == pytest.approx(truth[digit], abs=0.02)
+    assert metrics["sample_class_min"] > 0.07 and metrics["sample_class_max"] < 0.13
+
+
+def test_uniform_noise_is_not_recognisable(digit_regions):
+    model, regions, _, _ = digit_regions
+    noise = np.random.default_rng(0).uniform(0, 1, (2000, 784))
+    assert np.mean(model.probabilities(noise).max(axis=1) >= 0.9) > 0.5  # confident, yet
+    assert quality(model, regions, noise)["recognisable_samples"] < 0.01  # outside the regions
+
+
+def test_a_sample_set_of_one_digit_covers_one_class(digit_regions):
+    model, regions, test, labels = digit_regions
+    metrics = quality(model, regions, test[labels == 3])
+    assert metrics["sample_class_3"] >= 0.95
+    assert metrics["sample_class_max"] == metrics["sample_class_3"]
+    assert metrics["sample_class_min"] == 0.0
+    assert sum(metrics[f"sample_class_{d}"] > 0.02 for d in range(10)) == 1
+
+
+def test_probabilities_are_the_softmax_of_the_logits(digit_regions):
+    model, _, test, _ = digit_regions
+    logits = model.logits(test[:50]).astype(np.float64)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.probabilities(test[:50]), expected, rtol=1e-12)
+
+
 # ----- the command -----
 
 def test_evaluate_command_writes_every_metric(tiny_model, classifier_cache, mnist_dir,
@@ -238,6 +318,8 @@ def test_evaluate_command_writes_every_metric(tiny_model, classifier_cache, mnis
     assert metrics["iwae_nll"] < metrics["negative_elbo"]
     assert metrics["classifier_accuracy_real"] >= 0.95
     assert metrics["fid_train_images"] < metrics["fid_samples"]
+    assert metrics["recognisable_real"] >= 0.85
+    assert sum(metrics[f"sample_class_{d}"] for d in range(10)) == pytest.approx(1.0)
 
 
 def test_evaluate_command_rejects_bad_flags(tmp_path, capsys):

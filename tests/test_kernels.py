@@ -345,6 +345,52 @@ def test_sgd_update(ops, dtype, shape):
             assert_close(g, w, dtype)
 
 
+@pytest.mark.parametrize("apply", [1.0, 0.0])
+def test_optimiser_updates_follow_their_apply_mask(ops, dtype, apply):
+    """apply 1 (a 0-d array, as gating computes it on the device) is the unmasked update bit
+    for bit; apply 0 leaves parameters and moments exactly as they were, even at step 0 of
+    a count that a skipped first step never advanced (no 1 / (1 - beta**0) reaches them)."""
+    rng = np.random.default_rng(12)
+    shape = (1_001,)
+    start = [randn(rng, shape, dtype), randn(rng, shape, dtype, 0.1),
+             np.abs(randn(rng, shape, dtype, 0.01))]
+    grad = randn(rng, shape, dtype)
+    mask = ops.xp.asarray(np.float64(apply))
+    step = 3 if apply else 0
+    plain = [dev(ops, a) for a in start]
+    ops.adam_update(plain[0], dev(ops, grad), plain[1], plain[2], 1e-3, 0.9, 0.999, 1e-8, 3)
+    masked = [dev(ops, a) for a in start]
+    ops.adam_update(masked[0], dev(ops, grad), masked[1], masked[2], 1e-3, 0.9, 0.999, 1e-8,
+                    step, apply=mask)
+    for got, want in zip(masked, plain if apply else start):
+        np.testing.assert_array_equal(to_host(got), to_host(want))
+    plain = [dev(ops, a) for a in start[:2]]
+    ops.sgd_update(plain[0], dev(ops, grad), plain[1], 1e-2, 0.9)
+    masked = [dev(ops, a) for a in start[:2]]
+    ops.sgd_update(masked[0], dev(ops, grad), masked[1], 1e-2, 0.9, apply=mask)
+    for got, want in zip(masked, plain if apply else start[:2]):
+        np.testing.assert_array_equal(to_host(got), to_host(want))
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_skipped_update_leaves_the_bf16_weight_copy_too(name):
+    """With a bf16 weight copy, apply 0 leaves it as it was (it still matches the weights);
+    apply 1 refreshes it as without a mask."""
+    if name not in kernels.available():
+        pytest.skip(f"no {name} backend here")
+    ops = kernels.load(name)
+    rng = np.random.default_rng(13)
+    param, grad = randn(rng, 999, np.float32), randn(rng, 999, np.float32)
+    for apply in (0.0, 1.0):
+        got, m, v = param.copy(), np.zeros(999, np.float32), np.zeros(999, np.float32)
+        copy16 = np.zeros(999, np.uint16)
+        ops.adam_update(got, grad, m, v, 1e-3, 0.9, 0.999, 1e-8, 1, np.asarray(apply),
+                        param16=copy16)
+        want16 = np.zeros(999, np.uint16) if not apply else ref.to_bf16(got, np.empty_like(copy16))
+        np.testing.assert_array_equal(copy16, want16)
+        np.testing.assert_array_equal(got == param, not apply)
+
+
 def test_optimiser_on_a_slice_of_a_flat_buffer(ops, dtype):
     """The optimisers may get one network's share of a flat parameter buffer."""
     rng = np.random.default_rng(11)

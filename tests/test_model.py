@@ -18,7 +18,9 @@ from fastvae.state import TrainState, load_model
     {"reconstruction": "feature", "feature_layer": 0},
     {"reconstruction": "feature", "activation": "tanh", "discriminator_activation": "leaky_relu"},
     {"mode": "vae"},
-], ids=["pixel", "feature", "feature-tanh-leaky", "vae"])
+    {"kl_weight": 0.3},
+    {"mode": "vae", "kl_weight": 2.5},
+], ids=["pixel", "feature", "feature-tanh-leaky", "vae", "kl-weight", "vae-kl-weight"])
 def test_each_networks_gradient_of_its_own_loss_matches_finite_differences(overrides):
     checks = gradcheck.model_checks(gradcheck.small_config(**overrides), seed=1)
     expected = 2 if overrides.get("mode") == "vae" else 3
@@ -41,6 +43,20 @@ def test_adversarial_loss_never_reaches_the_encoder():
     np.testing.assert_allclose(grads[0]["encoder"], grads[1]["encoder"], rtol=1e-12)
     np.testing.assert_allclose(grads[0]["discriminator"], grads[1]["discriminator"], rtol=1e-12)
     assert not np.allclose(grads[0]["decoder"], grads[1]["decoder"])
+
+
+@pytest.mark.parametrize("mode", ["vaegan", "vae"])
+def test_kl_weight_scales_the_kl_in_the_encoder_loss_and_is_reported_unweighted(mode):
+    rng = np.random.default_rng(2)
+    config = gradcheck.small_config(mode=mode)
+    x = rng.uniform(size=(5, config.image_size))
+    eps, prior = rng.standard_normal((2, 5, config.latent_dim))
+    results = [VAEGAN(config.replace(kl_weight=w), Backend("numpy", "float64"))
+               .compute_gradients(x, eps, prior) for w in (1.0, 0.25)]
+    plain, weighted = ({k: float(v) for k, v in r.items()} for r in results)
+    assert weighted["kl"] == pytest.approx(plain["kl"], rel=1e-12)
+    assert weighted["encoder"] == pytest.approx(0.25 * plain["kl"] + plain["reconstruction"],
+                                                rel=1e-12)
 
 
 def _train(subset, steps, batch=64, **overrides):
@@ -116,6 +132,9 @@ def test_unknown_backend_names_the_available_ones():
     ({"activation": "swish"}, "unknown activation"),
     ({"mode": "vae", "reconstruction": "feature"}, "feature reconstruction"),
     ({"feature_layer": 5}, "feature_layer"),
+    ({"kl_weight": 0.0}, "kl_weight"),
+    ({"equilibrium": 0.0}, "equilibrium"),
+    ({"margin": -0.1}, "margin"),
 ])
 def test_invalid_settings_are_refused_by_name(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -63,7 +63,7 @@ def test_a_resume_may_lower_the_learning_rate_and_clip_and_the_run_records_it(tm
     header, _ = read(tmp_path / CHECKPOINT)
     changes = header["extra"]["setting_changes"]
     assert [(c["epoch"], c["setting"], c["from"], c["to"]) for c in changes] == [
-        (1, "lr_encoder", 2e-4, 1e-4), (1, "clip_grad_norm", 0.0, 5.0)]
+        (1, "lr_encoder", Config().lr_encoder, 1e-4), (1, "clip_grad_norm", 0.0, 5.0)]
     assert header["config"]["lr_encoder"] == 1e-4
     with pytest.raises(TrainingError, match="latent_dim 8 -> 4"):   # the shape may not change
         _trainer(tmp_path, mnist_dir, epochs=3, latent_dim=4).fit(resume=True)
