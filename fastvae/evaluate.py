@@ -49,6 +49,8 @@ METRICS = {
     "kid_samples_std": "its standard deviation over subsets",
     "fid_train_images": "Frechet distance, test vs training images (the floor)",
     "kid_train_images": "KID, test vs training images (the floor)",
+    "confident_samples": "share of prior samples the classifier gives one class p >= 0.9",
+    "confident_real": "the same share for the test images (the ceiling)",
     "recognisable_samples": "share of prior samples with p >= 0.9 in real digits' region",
     "recognisable_real": "the same share for the test images (the ceiling)",
     "sample_class_min": "smallest share of the samples that any digit gets (even: 0.1)",
@@ -298,7 +300,12 @@ def recognisable(probabilities, features, regions, threshold=RECOGNISABLE):
     predicted = probabilities.argmax(axis=1)
     with np.errstate(invalid="ignore"):
         inside = mahalanobis(features, predicted, regions) <= regions[2]
-    return (probabilities.max(axis=1) >= threshold) & inside
+    return confident(probabilities, threshold) & inside
+
+
+def confident(probabilities, threshold=RECOGNISABLE):
+    """Per row: the top class has p >= threshold (confidence alone, which noise can reach)."""
+    return np.asarray(probabilities).max(axis=1) >= threshold
 
 
 def class_shares(probabilities):
@@ -311,7 +318,8 @@ def class_shares(probabilities):
 def sample_class_metrics(probabilities, features, regions):
     """recognisable_samples and the per-digit shares (with their min and max) as METRICS keys."""
     shares = class_shares(probabilities)
-    results = {"recognisable_samples": float(np.mean(recognisable(probabilities, features,
+    results = {"confident_samples": float(np.mean(confident(probabilities))),
+               "recognisable_samples": float(np.mean(recognisable(probabilities, features,
                                                                   regions))),
                "sample_class_min": float(shares.min()), "sample_class_max": float(shares.max())}
     results.update({f"sample_class_{digit}": float(share) for digit, share in enumerate(shares)})
@@ -357,8 +365,9 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     reference, reference_features = ((others["train_images"], features["train_images"])
                                      if reference_images is not None else (images, real))
     regions = class_regions(reference_features, classifier.probabilities(reference))
-    results["recognisable_real"] = float(np.mean(recognisable(
-        classifier.probabilities(images), real, regions)))
+    real_probabilities = classifier.probabilities(images)
+    results["confident_real"] = float(np.mean(confident(real_probabilities)))
+    results["recognisable_real"] = float(np.mean(recognisable(real_probabilities, real, regions)))
     results.update(sample_class_metrics(classifier.probabilities(samples), features["samples"],
                                         regions))
     return {key: results[key] for key in METRICS}

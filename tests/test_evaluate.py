@@ -267,6 +267,7 @@ def test_real_test_images_are_recognisable_and_cover_every_digit_evenly(digit_re
     model, regions, test, labels = digit_regions
     metrics = quality(model, regions, test)
     assert metrics["recognisable_samples"] >= 0.85   # the ceiling
+    assert metrics["confident_samples"] >= metrics["recognisable_samples"]
     truth = np.bincount(labels, minlength=10) / len(labels)
     for digit in range(10):
         assert metrics[f"sample_class_{digit}"] == pytest.approx(truth[digit], abs=0.02)
@@ -277,6 +278,7 @@ def test_uniform_noise_is_not_recognisable(digit_regions):
     model, regions, _, _ = digit_regions
     noise = np.random.default_rng(0).uniform(0, 1, (2000, 784))
     assert np.mean(model.probabilities(noise).max(axis=1) >= 0.9) > 0.5  # confident, yet
+    assert quality(model, regions, noise)["confident_samples"] > 0.5
     assert quality(model, regions, noise)["recognisable_samples"] < 0.01  # outside the regions
 
 
@@ -319,6 +321,7 @@ def test_evaluate_command_writes_every_metric(tiny_model, classifier_cache, mnis
     assert metrics["classifier_accuracy_real"] >= 0.95
     assert metrics["fid_train_images"] < metrics["fid_samples"]
     assert metrics["recognisable_real"] >= 0.85
+    assert metrics["confident_real"] >= metrics["recognisable_real"]
     assert sum(metrics[f"sample_class_{d}"] for d in range(10)) == pytest.approx(1.0)
 
 
