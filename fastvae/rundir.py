@@ -22,15 +22,20 @@ except ImportError:  # not POSIX: no lock, the rest still applies
     fcntl = None
 
 
-def _alive(pid):
-    """Whether a process with this PID exists (it may be another user's)."""
+def process_alive(pid):
+    """Whether process `pid` runs on this machine (it may be another user's; a zombie, killed
+    but not reaped, does not run)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _holder(path):
@@ -91,7 +96,7 @@ def remove_stale_temporaries(run_dir):
     """Delete the half-written files (`.NAME.PID.XXXXXXXX.tmp`) of processes no longer running."""
     for path in run_dir.iterdir():
         writer = temporary_writer(path.name)
-        if writer is not None and path.is_file() and not _alive(writer):
+        if writer is not None and path.is_file() and not process_alive(writer):
             with contextlib.suppress(OSError):   # not ours to remove after all: leave it
                 path.unlink()
 

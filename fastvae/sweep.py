@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fastvae.config import Config
 from fastvae.errors import ConfigError, FastvaeError
+from fastvae.rundir import process_alive
 
 JOURNAL = "journal.log"
 TRIALS = "trials"
@@ -433,7 +434,7 @@ class Sweep:
             worker = trial.user_attrs.get("worker", {})   # a retry copies its original's
             pid = worker.get("pid")
             if worker.get("trial") != trial.number or worker.get("host") != host \
-                    or _process_alive(pid):
+                    or process_alive(pid):
                 continue
             try:
                 self.storage.set_trial_user_attr(trial._trial_id, "error",
@@ -455,21 +456,6 @@ def database_url(url):
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def _process_alive(pid):
-    """Whether process `pid` runs on this machine (a zombie, killed but not reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @contextlib.contextmanager
