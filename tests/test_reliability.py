@@ -6,17 +6,12 @@ import sys
 import time
 
 import pytest
+from run_helpers import SMALL, SMALL_FLAGS, train_process, wait_for
 
 from fastvae import cli
 from fastvae.state import TrainState, load_model
 from fastvae.state import read_checkpoint as read
 from fastvae.trainer import CHECKPOINT, Interrupted, Trainer
-
-SMALL = dict(train_limit=320, test_limit=64, batch_size=32, latent_dim=8,
-             encoder_widths=(64, 32), decoder_widths=(32, 64), discriminator_widths=(64, 16))
-SMALL_FLAGS = ["--train-limit", "320", "--test-limit", "64", "--batch-size", "32",
-               "--latent-dim", "8", "--encoder-widths", "64", "32", "--decoder-widths", "32",
-               "64", "--discriminator-widths", "64", "16"]
 
 
 def _config(**overrides):
@@ -63,24 +58,10 @@ def test_a_run_stopped_mid_epoch_resumes_bit_for_bit(tmp_path, mnist_dir, monkey
         assert min(counts.values()) < 20 == counts["encoder"]
 
 
-def _train_process(run_dir, mnist_dir, epochs):
-    argv = [sys.executable, "-m", "fastvae", "train", "--run-dir", str(run_dir), "--data-dir",
-            str(mnist_dir), "--quiet", "--epochs", str(epochs), *SMALL_FLAGS]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path, process, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_ctrl_c_sigterm_and_sighup_save_a_checkpoint_that_resumes(tmp_path, mnist_dir, stop):
-    process = _train_process(tmp_path, mnist_dir, epochs=200)
-    _wait_for(tmp_path / CHECKPOINT, process)
+    process = train_process(tmp_path, mnist_dir, epochs=200)
+    wait_for(tmp_path / CHECKPOINT, process, timeout=60)
     process.send_signal(getattr(signal, stop))
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + getattr(signal, stop), err   # 130, 143, 129

@@ -4,10 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from run_helpers import SMALL, SMALL_FLAGS, train_process, wait_for
 
 from fastvae import cli, rundir
 from fastvae.config import Config
@@ -15,12 +15,6 @@ from fastvae.errors import ConfigError, TrainingError
 from fastvae.state import TrainState
 from fastvae.state import read_checkpoint as read
 from fastvae.trainer import CHECKPOINT, METRICS, Trainer
-
-SMALL = dict(train_limit=320, test_limit=64, batch_size=32, latent_dim=8,
-             encoder_widths=(64, 32), decoder_widths=(32, 64), discriminator_widths=(64, 16))
-SMALL_FLAGS = ["--train-limit", "320", "--test-limit", "64", "--batch-size", "32",
-               "--latent-dim", "8", "--encoder-widths", "64", "32", "--decoder-widths", "32",
-               "64", "--discriminator-widths", "64", "16"]
 
 
 def _trainer(run_dir, mnist_dir, **overrides):
@@ -71,10 +65,8 @@ def test_a_resume_may_lower_the_learning_rate_and_clip_and_the_run_records_it(tm
 
 def test_a_second_training_into_a_live_runs_directory_is_refused_and_harms_nothing(
         tmp_path, mnist_dir, capsys):
-    argv = [sys.executable, "-m", "fastvae", "train", "--run-dir", str(tmp_path), "--data-dir",
-            str(mnist_dir), "--quiet", "--epochs", "200", *SMALL_FLAGS]
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_file(tmp_path / CHECKPOINT, first)
+    first = train_process(tmp_path, mnist_dir, epochs=200)
+    wait_for(tmp_path / CHECKPOINT, first, timeout=120)
     notes = tmp_path / ".notes.tmp"
     notes.write_text("the user's own")
     live_temporary = tmp_path / f".samples.png.{first.pid}.0123abcd.tmp"
@@ -97,14 +89,6 @@ def test_a_second_training_into_a_live_runs_directory_is_refused_and_harms_nothi
                      "--resume", "--epochs", str(epoch + 1), *SMALL_FLAGS]) == 0
     assert notes.read_text() == "the user's own" and not dead_temporary.exists()
     assert not (tmp_path / rundir.LOCK).exists()
-
-
-def _wait_for_file(path, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path):
