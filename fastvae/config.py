@@ -27,8 +27,10 @@ class Config:
     latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
                                               # (16 sampled best in docs/evaluation.md's sweep)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
-    decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
-    discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
+    decoder_widths: tuple = (512, 1024)       # hidden layers of the decoder (sigmoid output)
+                                              # (wider than the encoder: better samples,
+                                              # docs/evaluation.md)
+    discriminator_widths: tuple = (256, 64)   # hidden layers of the discriminator (1 logit out)
     activation: str = "relu"                  # hidden activation of encoder and decoder
     discriminator_activation: str = "relu"    # hidden activation of the discriminator
     init: str = "he"                          # weight initialisation: he | glorot
@@ -37,7 +39,8 @@ class Config:
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
     gamma: float = 1.0                        # weight of reconstruction vs adversarial in the
                                               # decoder (docs/method.md: the paper's is 2x)
-    kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
+    kl_weight: float = 2.0                    # weight of the KL in the encoder's loss (beta;
+                                              # 2 samples better: docs/evaluation.md)
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
     lr_encoder: float = 5e-4                  # learning rate of the encoder's optimizer
@@ -46,7 +49,7 @@ class Config:
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
     betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
-    lr_schedule: str = "constant"             # constant | cosine | linear: each epoch trains at
+    lr_schedule: str = "cosine"               # constant | cosine | linear: each epoch trains at
                                               # a fraction of lr_*, from 1 at the first epoch
                                               # to lr_final at the last (the trainer sets it)
     lr_final: float = 0.05                    # the schedule's last-epoch fraction of lr_*
