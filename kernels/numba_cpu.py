@@ -45,7 +45,7 @@ try:
     import numba
     from llvmlite import ir
     from numba import types
-    from numba.extending import intrinsic, overload
+    from numba.extending import intrinsic
 except ImportError as error:  # the module must import without numba; load() reports it
     numba = None
     _IMPORT_ERROR = f"numba is not installed: pip install 'fastvae-numpy[numba]' ({error})"
@@ -220,73 +220,10 @@ def _log1p_atanh(s):
     return 2.0 * s * p
 
 
-@_jit(fastmath={"contract"})
-def _exp_short(x):
-    """`_exp` to float32's precision: Taylor degree 7 (relative error < 6e-9, a tenth of a
-    float32 ulp), half the work; for kernels whose arrays are float32."""
-    if x < -746.0:
-        x = -746.0
-    if x > 710.0:
-        x = 710.0
-    n = np.floor(x * _LOG2E + 0.5)
-    r = (x - n * _LN2_HI) - n * _LN2_LO
-    p = 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    k = np.int64(n) if n == n else np.int64(0)
-    half = k >> 1
-    return p * _bits_as_float((half + 1023) << 52) * _bits_as_float((k - half + 1023) << 52)
-
-
-@_jit(fastmath={"contract"})
-def _log1p_atanh_short(s):
-    """`_log1p_atanh` to float32's precision: to s**15 (relative error < 2e-9)."""
-    z = s * s
-    p = 1.0 / 15.0
-    p = p * z + 1.0 / 13.0
-    p = p * z + 1.0 / 11.0
-    p = p * z + 1.0 / 9.0
-    p = p * z + 1.0 / 7.0
-    p = p * z + 1.0 / 5.0
-    p = p * z + 1.0 / 3.0
-    p = p * z + 1.0
-    return 2.0 * s * p
-
-
-def _exp_as(x, like):
-    """exp(x) (float64 math) to the precision of `like`'s type: float32 arrays need less."""
-    return math.exp(x)
-
-
-def _log1p_atanh_as(s, like):
-    """`_log1p_atanh(s)` to the precision of `like`'s type."""
-    return math.log1p(2.0 * s / (1.0 - s))
-
-
-if numba is not None:
-
-    @overload(_exp_as)
-    def _exp_as_typed(x, like):
-        if like == types.float32:
-            return lambda x, like: _exp_short(x)
-        return lambda x, like: _exp(x)
-
-    @overload(_log1p_atanh_as)
-    def _log1p_atanh_as_typed(s, like):
-        if like == types.float32:
-            return lambda s, like: _log1p_atanh_short(s)
-        return lambda s, like: _log1p_atanh(s)
-
-
 @_jit()
-def _sigmoid(v, like):
-    """Logistic function that never overflows: exp of -|v| only (to `like`'s precision)."""
-    e = _exp_as(-abs(v), like)
+def _sigmoid(v):
+    """Logistic function that never overflows: exp of -|v| only."""
+    e = _exp(-abs(v))
     s = 1.0 / (1.0 + e)
     return s if v >= 0 else e * s
 
@@ -305,7 +242,7 @@ def _act_inplace(row, code):
             row[j] = v if v > 0 else LEAKY_SLOPE * v
     elif code == SIGMOID:
         for j in range(row.size):
-            row[j] = _sigmoid(np.float64(row[j]), row[j])
+            row[j] = _sigmoid(np.float64(row[j]))
 
 
 @_jit()
@@ -320,7 +257,7 @@ def _act_forward(x, out, code):
             out[i] = v if v > 0 else LEAKY_SLOPE * v
     elif code == SIGMOID:
         for i in range(x.size):
-            out[i] = _sigmoid(np.float64(x[i]), out[i])
+            out[i] = _sigmoid(np.float64(x[i]))
     else:
         for i in range(x.size):
             out[i] = x[i]
@@ -560,16 +497,16 @@ def _bce_scalar(x, t, scale, grad, want_grad):
     if want_grad:
         for i in range(x.size):
             v = np.float64(x[i])
-            e = _exp_as(-abs(v), x[i])
+            e = _exp(-abs(v))
             r = 1.0 / ((1.0 + e) * (2.0 + e))
-            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh_as(e * (1.0 + e) * r, x[i])
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e * (1.0 + e) * r)
             s = (2.0 + e) * r
             grad[i] = ((s if v >= 0 else e * s) - t) * scale
     else:
         for i in range(x.size):
             v = np.float64(x[i])
-            e = _exp_as(-abs(v), x[i])
-            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh_as(e / (2.0 + e), x[i])
+            e = _exp(-abs(v))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e / (2.0 + e))
     return scale * total
 
 
@@ -580,17 +517,17 @@ def _bce_array(x, target, scale, grad, want_grad):
         for i in range(x.size):
             v = np.float64(x[i])
             t = np.float64(target[i])
-            e = _exp_as(-abs(v), x[i])
+            e = _exp(-abs(v))
             r = 1.0 / ((1.0 + e) * (2.0 + e))
-            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh_as(e * (1.0 + e) * r, x[i])
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e * (1.0 + e) * r)
             s = (2.0 + e) * r
             grad[i] = ((s if v >= 0 else e * s) - t) * scale
     else:
         for i in range(x.size):
             v = np.float64(x[i])
             t = np.float64(target[i])
-            e = _exp_as(-abs(v), x[i])
-            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh_as(e / (2.0 + e), x[i])
+            e = _exp(-abs(v))
+            total += (v if v > 0 else 0.0) - v * t + _log1p_atanh(e / (2.0 + e))
     return scale * total
 
 
@@ -630,7 +567,7 @@ def _kl_forward(mu, log_var, eps, scale, z_out):
     for i in range(mu.size):
         m = np.float64(mu[i])
         lv = np.float64(log_var[i])
-        std = _exp_as(0.5 * lv, log_var[i])
+        std = _exp(0.5 * lv)
         z_out[i] = m + std * eps[i]
         total += 1.0 + lv - m * m - std * std
     return -0.5 * scale * total
@@ -640,7 +577,7 @@ def _kl_forward(mu, log_var, eps, scale, z_out):
 def _kl_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
     for i in range(mu.size):
         g = np.float64(grad_z[i])
-        std = _exp_as(0.5 * np.float64(log_var[i]), log_var[i])
+        std = _exp(0.5 * np.float64(log_var[i]))
         grad_mu[i] = g + scale * mu[i]
         grad_log_var[i] = g * eps[i] * 0.5 * std + scale * 0.5 * (std * std - 1.0)
 
