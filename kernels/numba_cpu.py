@@ -29,8 +29,12 @@ Threads. With NumPy's OpenBLAS the kernels stay serial: right after a BLAS produ
 spinning threads and Numba's workers fight for the cores and a parallel step costs ~6.5 ms
 instead of 0.1-0.5 ms. With oneMKL both run on one GNU OpenMP pool (MKL_THREADING_LAYER=GNU,
 Numba's `omp` layer, both set here before either starts a thread unless the user set them),
-and the optimisers and the bias+activation passes use `prange` (`PARALLEL`; the bench times
-the step both ways).
+and every element-wise kernel of a float32 step runs on it (`PARALLEL`; the bench times the
+step both ways): a small `prange` driver cuts the arrays into one span per thread and runs the
+serial kernel on each span (one body a kernel; spans are slices, which Numba keeps
+C-contiguous, so the loops still vectorise). Sums are kept per span and added in span order,
+so a step gives the same bits whichever thread ran which span. Arrays under 16k elements
+stay serial: waking the threads would cost more.
 """
 import math
 import os
