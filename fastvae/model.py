@@ -198,7 +198,9 @@ class VAEGAN:
 
         grad_dec = self._buffer("grad_dec", logits.shape)
         ops.activation_backward("sigmoid", images[fake], grad_images, grad_dec)
-        if self.config.reconstruction == "pixel":
+        if self.config.reconstruction == "pixel" and self.config.gamma == 1:
+            grad_dec[:batch] += grad_rec  # the default: one pass, no scaled copy
+        elif self.config.reconstruction == "pixel":
             scaled = self._buffer("scaled_rec", grad_rec.shape)
             backend.xp.multiply(grad_rec, self.config.gamma, out=scaled)
             grad_dec[:batch] += scaled

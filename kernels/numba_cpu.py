@@ -29,8 +29,12 @@ Threads. With NumPy's OpenBLAS the kernels stay serial: right after a BLAS produ
 spinning threads and Numba's workers fight for the cores and a parallel step costs ~6.5 ms
 instead of 0.1-0.5 ms. With oneMKL both run on one GNU OpenMP pool (MKL_THREADING_LAYER=GNU,
 Numba's `omp` layer, both set here before either starts a thread unless the user set them),
-and the optimisers and the bias+activation passes use `prange` (`PARALLEL`; the bench times
-the step both ways).
+and every element-wise kernel of a float32 step runs on it (`PARALLEL`; the bench times the
+step both ways): a small `prange` driver cuts the arrays into one span per thread and runs the
+serial kernel on each span (one body a kernel; spans are slices, which Numba keeps
+C-contiguous, so the loops still vectorise). Sums are kept per span and added in span order,
+so a step gives the same bits whichever thread ran which span. Arrays under 16k elements
+stay serial: waking the threads would cost more.
 """
 import math
 import os
@@ -263,6 +267,13 @@ def _act_forward(x, out, code):
             out[i] = x[i]
 
 
+@_jit(parallel=True)
+def _act_forward_parallel(x, out, code, chunks):
+    for c in prange(chunks):
+        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        _act_forward(x[span], out[span], code)
+
+
 @_jit()
 def _bias_act(out, bias, code):
     """out[i] = activation(out[i] + bias), row by row (each row stays in L1 for both loops)."""
@@ -294,6 +305,13 @@ def _act_backward(y, grad_out, out, code):
     else:
         for i in range(y.size):
             out[i] = grad_out[i]
+
+
+@_jit(parallel=True)
+def _act_backward_parallel(y, grad_out, out, code, chunks):
+    for c in prange(chunks):
+        span = slice(c * y.size // chunks, (c + 1) * y.size // chunks)
+        _act_backward(y[span], grad_out[span], out[span], code)
 
 
 @_jit()
@@ -389,17 +407,15 @@ def _dense_forward_mkl_parallel(address, a, b, bias, out, code, out16, want16):
 
 
 @_jit()
-def _dense_backward_mkl(address, grad_out, y, scratch, acc, grad_bias, code, a, b, g, scratch16,
-                        want16, grad_weight, want_weight, grad_in, want_in):
-    """The activation derivative, bias-gradient sum and bf16 copy of the gradient in one row
-    pass, then grad_weight = a.T @ g and grad_in = g @ b.T (a, b, g: x, weight, scratch or
-    their bf16 copies)."""
-    n, m = grad_out.shape
+def _backward_rows(grad_out, y, scratch, acc, code, scratch16, want_weight, want16):
+    """scratch = grad_out * act'(y), acc = its column sums (float64, if `want_weight`) and
+    scratch16 = bf16(scratch) (if `want16`), row by row: each row is read once, while in L1."""
+    m = grad_out.shape[1]
+    bits = scratch.view(np.uint32)  # once, not a view per row (see _bias_act_row)
     if want_weight:
         for j in range(m):
             acc[j] = 0.0
-    bits = scratch.view(np.uint32)  # once, not a view per row (see _bias_act_row)
-    for i in range(n):
+    for i in range(grad_out.shape[0]):
         row = scratch[i]
         _act_backward(y[i], grad_out[i], row, code)
         if want_weight and want16:
@@ -414,17 +430,65 @@ def _dense_backward_mkl(address, grad_out, y, scratch, acc, grad_bias, code, a, 
             row_bits, row16 = bits[i], scratch16[i]
             for j in range(m):
                 row16[j] = _round_bf16(row_bits[j])
+
+
+@_jit(parallel=True)
+def _backward_rows_parallel(grad_out, y, scratch, partial, code, scratch16, want_weight, want16):
+    """`_backward_rows` over all rows in len(partial) chunks, one partial sum row each."""
+    n, chunks = grad_out.shape[0], partial.shape[0]
+    for c in prange(chunks):
+        rows = slice(c * n // chunks, (c + 1) * n // chunks)
+        _backward_rows(grad_out[rows], y[rows], scratch[rows], partial[c], code,
+                       scratch16[rows] if want16 else scratch16, want_weight, want16)
+
+
+@_jit()
+def _backward_products(address, a, b, g, grad_weight, want_weight, grad_in, want_in):
+    """grad_weight = a.T @ g and grad_in = g @ b.T, each if wanted."""
     if want_weight:
-        for j in range(m):
-            grad_bias[j] = acc[j]
         _gemm(address, a, True, g, False, grad_weight)
     if want_in:
         _gemm(address, g, False, b, True, grad_in)
 
 
 @_jit()
+def _dense_backward_mkl(address, grad_out, y, scratch, acc, grad_bias, code, a, b, g, scratch16,
+                        want16, grad_weight, want_weight, grad_in, want_in):
+    """The activation derivative, bias-gradient sum and bf16 copy of the gradient in one row
+    pass, then grad_weight = a.T @ g and grad_in = g @ b.T (a, b, g: x, weight, scratch or
+    their bf16 copies)."""
+    _backward_rows(grad_out, y, scratch, acc, code, scratch16, want_weight, want16)
+    if want_weight:
+        for j in range(grad_bias.size):
+            grad_bias[j] = acc[j]
+    _backward_products(address, a, b, g, grad_weight, want_weight, grad_in, want_in)
+
+
+@_jit()
+def _dense_backward_mkl_parallel(address, grad_out, y, scratch, partial, grad_bias, code, a, b, g,
+                                 scratch16, want16, grad_weight, want_weight, grad_in, want_in):
+    """`_dense_backward_mkl` with the row pass shared among the threads: each chunk of rows sums
+    into its own row of `partial`, added up in chunk order (the same sum whatever thread ran it)."""
+    _backward_rows_parallel(grad_out, y, scratch, partial, code, scratch16, want_weight, want16)
+    if want_weight:
+        for j in range(grad_bias.size):
+            total = 0.0
+            for c in range(partial.shape[0]):
+                total += partial[c, j]
+            grad_bias[j] = total
+    _backward_products(address, a, b, g, grad_weight, want_weight, grad_in, want_in)
+
+
+@_jit()
 def _to_bf16(x, out):
     _store_bf16(x, out)
+
+
+@_jit(parallel=True)
+def _to_bf16_parallel(x, out, chunks):
+    for c in prange(chunks):
+        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        _store_bf16(x[span], out[span])
 
 
 # ----------------------------------------------------------------------------- losses
@@ -543,21 +607,6 @@ def _adam(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_m
             param16[i] = _round_bf16(bits[i])
 
 
-@_jit(parallel=True)
-def _adam_parallel(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
-                   one_minus_beta2, step_size, inv_sqrt_correction2, eps, param16, want16):
-    bits = param.view(np.uint32)
-    for i in prange(param.size):
-        g = grad[i]
-        m = beta1 * exp_avg[i] + one_minus_beta1 * g
-        v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g)
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
-        param[i] -= step_size * m / (math.sqrt(v) * inv_sqrt_correction2 + eps)
-        if want16:
-            param16[i] = _round_bf16(bits[i])
-
-
 @_jit()
 def _sgd(param, grad, velocity, lr, momentum, param16, want16):
     bits = param.view(np.uint32)
@@ -569,18 +618,94 @@ def _sgd(param, grad, velocity, lr, momentum, param16, want16):
             param16[i] = _round_bf16(bits[i])
 
 
+# Thread-shared drivers: each cuts its arrays into `chunks` spans for the serial kernels above;
+# a sum is kept per chunk in `partial` and added up in chunk order (the same bits whichever
+# thread ran which chunk, so a parallel step is as reproducible as a serial one).
 @_jit(parallel=True)
-def _sgd_parallel(param, grad, velocity, lr, momentum, param16, want16):
-    bits = param.view(np.uint32)
-    for i in prange(param.size):
-        v = momentum * velocity[i] + grad[i]
-        velocity[i] = v
-        param[i] -= lr * v
-        if want16:
-            param16[i] = _round_bf16(bits[i])
+def _bce_scalar_parallel(x, t, scale, grad, want_grad, partial):
+    chunks = partial.size
+    for c in prange(chunks):
+        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        partial[c] = _bce_scalar(x[span], t, scale, grad[span] if want_grad else grad, want_grad)
+    return _ordered_sum(partial)
+
+
+@_jit(parallel=True)
+def _bce_array_parallel(x, target, scale, grad, want_grad, partial):
+    chunks = partial.size
+    for c in prange(chunks):
+        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        partial[c] = _bce_array(x[span], target[span], scale, grad[span] if want_grad else grad,
+                                want_grad)
+    return _ordered_sum(partial)
+
+
+@_jit(parallel=True)
+def _kl_forward_parallel(mu, log_var, eps, scale, z_out, partial):
+    chunks = partial.size
+    for c in prange(chunks):
+        span = slice(c * mu.size // chunks, (c + 1) * mu.size // chunks)
+        partial[c] = _kl_forward(mu[span], log_var[span], eps[span], scale, z_out[span])
+    return _ordered_sum(partial)
+
+
+@_jit(parallel=True)
+def _kl_backward_parallel(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var, chunks):
+    for c in prange(chunks):
+        span = slice(c * mu.size // chunks, (c + 1) * mu.size // chunks)
+        _kl_backward(grad_z[span], mu[span], log_var[span], eps[span], scale, grad_mu[span],
+                     grad_log_var[span])
+
+
+@_jit(parallel=True)
+def _adam_parallel(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
+                   one_minus_beta2, step_size, inv_sqrt_correction2, eps, param16, want16, chunks):
+    for c in prange(chunks):
+        span = slice(c * param.size // chunks, (c + 1) * param.size // chunks)
+        _adam(param[span], grad[span], exp_avg[span], exp_avg_sq[span], beta1, one_minus_beta1,
+              beta2, one_minus_beta2, step_size, inv_sqrt_correction2, eps,
+              param16[span] if want16 else param16, want16)
+
+
+@_jit(parallel=True)
+def _sgd_parallel(param, grad, velocity, lr, momentum, param16, want16, chunks):
+    for c in prange(chunks):
+        span = slice(c * param.size // chunks, (c + 1) * param.size // chunks)
+        _sgd(param[span], grad[span], velocity[span], lr, momentum,
+             param16[span] if want16 else param16, want16)
+
+
+@_jit()
+def _ordered_sum(partial):
+    total = 0.0
+    for c in range(partial.size):
+        total += partial[c]
+    return total
 
 
 # ----------------------------------------------------------------------------- public ops
+_MIN_PARALLEL = 1 << 14  # elements: below this, waking the threads costs more than they save
+_PARTIALS = {}
+
+
+def _chunks(array):
+    """Into how many spans a kernel over `array` is cut: its thread count on oneMKL's pool for
+    large float32 arrays, else 1 (the serial kernel; float64 products run on NumPy's BLAS, whose
+    spinning threads a parallel kernel would fight)."""
+    if not PARALLEL or array.dtype != np.float32 or array.size < _MIN_PARALLEL:
+        return 1
+    return numba.get_num_threads()
+
+
+def _partial(chunks, width=0):
+    """A float64 buffer for per-chunk sums, (chunks,) or (chunks, width), kept for reuse."""
+    key = (chunks, width)
+    buffer = _PARTIALS.get(key)
+    if buffer is None:
+        buffer = _PARTIALS[key] = np.empty((chunks, width) if width else chunks, np.float64)
+    return buffer
+
+
 def activation_forward(activation, x, out):
     """out = activation(x); out may be x itself."""
     code = _code(activation)
@@ -592,7 +717,11 @@ def activation_forward(activation, x, out):
     elif out is x:  # one array in the loop: LLVM's overlap check would refuse to vectorise
         _act_inplace(_flat_out(out), code)
     else:
-        _act_forward(x.reshape(-1), _flat_out(out), code)
+        chunks = _chunks(out)
+        if chunks > 1:
+            _act_forward_parallel(x.reshape(-1), _flat_out(out), code, chunks)
+        else:
+            _act_forward(x.reshape(-1), _flat_out(out), code)
     return out
 
 
@@ -603,7 +732,12 @@ def activation_backward(activation, y, grad_out, out):
         if out is not grad_out:
             np.copyto(out, grad_out)
     else:
-        _act_backward(y.reshape(-1), grad_out.reshape(-1), _flat_out(out), code)
+        chunks = _chunks(out)
+        if chunks > 1:
+            _act_backward_parallel(y.reshape(-1), grad_out.reshape(-1), _flat_out(out), code,
+                                   chunks)
+        else:
+            _act_backward(y.reshape(-1), grad_out.reshape(-1), _flat_out(out), code)
     return out
 
 
@@ -643,7 +777,7 @@ def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out
     if code == TANH:
         np.tanh(out, out=out)  # NumPy's SIMD tanh beats a scalar libm call per element
         if out16 is not None:
-            _to_bf16(out.reshape(-1), _flat_out(out16))
+            to_bf16(out, out16)
     return out
 
 
@@ -677,12 +811,17 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
     if _on_mkl(bf16, *operands, grad_weight, grad_in):
         address = MKL.gemm_bf16_address if bf16 else MKL.sgemm_address
         a, b, g = (x16, weight16, scratch16) if bf16 else (x, weight, scratch)
-        acc = _accumulator(grad_bias) if want_weight else _ACCUMULATOR_NONE
-        _dense_backward_mkl(address, grad_out, y, scratch, acc,
-                            grad_bias if want_weight else acc, code, a, b, g,
-                            scratch16 if bf16 else _NO16, bf16,
-                            grad_weight if want_weight else scratch, want_weight,
-                            grad_in if grad_in is not None else scratch, grad_in is not None)
+        chunks = _chunks(scratch)
+        if chunks > 1:
+            kernel, acc = _dense_backward_mkl_parallel, _partial(chunks, grad_out.shape[1])
+        else:
+            kernel = _dense_backward_mkl
+            acc = _accumulator(grad_bias) if want_weight else _ACCUMULATOR_NONE
+        kernel(address, grad_out, y, scratch, acc,
+               grad_bias if want_weight else _ACCUMULATOR_NONE, code, a, b, g,
+               scratch16 if bf16 else _NO16, bf16,
+               grad_weight if want_weight else scratch, want_weight,
+               grad_in if grad_in is not None else scratch, grad_in is not None)
         return grad_in
     if want_weight:
         _act_backward_bias(grad_out, y, scratch, _accumulator(grad_bias), grad_bias, code)
@@ -712,7 +851,11 @@ def to_bf16(x, out):
     """out (uint16) = x (float32) rounded to bfloat16, to nearest even (numpy_ref.to_bf16)."""
     if x.dtype != np.float32 or not _contiguous(x):
         raise ValueError("numba backend: to_bf16 takes a C-contiguous float32 array")
-    _to_bf16(x.reshape(-1), _flat_out(out))
+    chunks = _chunks(x)
+    if chunks > 1:
+        _to_bf16_parallel(x.reshape(-1), _flat_out(out), chunks)
+    else:
+        _to_bf16(x.reshape(-1), _flat_out(out))
     return out
 
 
@@ -724,10 +867,15 @@ def bce_with_logits(logits, target, scale, grad_out):
     x = logits.reshape(-1)
     want_grad = grad_out is not None
     grad = _flat_out(grad_out) if want_grad else x  # never written when want_grad is False
-    if np.ndim(target) == 0:
-        loss = _bce_scalar(x, float(target), float(scale), grad, want_grad)
+    chunks = _chunks(x)
+    scalar = np.ndim(target) == 0
+    target = float(target) if scalar else target.reshape(-1)
+    if chunks > 1:
+        kernel = _bce_scalar_parallel if scalar else _bce_array_parallel
+        loss = kernel(x, target, float(scale), grad, want_grad, _partial(chunks))
     else:
-        loss = _bce_array(x, target.reshape(-1), float(scale), grad, want_grad)
+        kernel = _bce_scalar if scalar else _bce_array
+        loss = kernel(x, target, float(scale), grad, want_grad)
     return np.asarray(loss)
 
 
@@ -745,24 +893,26 @@ def squared_error(pred, target, scale, grad_out):
 
 def kl_reparam_forward(mu, log_var, eps, scale, z_out):
     """z = mu + exp(log_var / 2) * eps; returns scale * KL(N(mu, exp(log_var)) || N(0, I))."""
-    kl = _kl_forward(mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1), float(scale),
-                     _flat_out(z_out))
-    return np.asarray(kl)
+    arrays = (mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1), float(scale),
+              _flat_out(z_out))
+    chunks = _chunks(mu)
+    if chunks > 1:
+        return np.asarray(_kl_forward_parallel(*arrays, _partial(chunks)))
+    return np.asarray(_kl_forward(*arrays))
 
 
 def kl_reparam_backward(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var):
     """Gradients of (loss through z) + scale * KL with respect to mu and log_var."""
-    _kl_backward(grad_z.reshape(-1), mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1),
-                 float(scale), _flat_out(grad_mu), _flat_out(grad_log_var))
+    arrays = (grad_z.reshape(-1), mu.reshape(-1), log_var.reshape(-1), eps.reshape(-1),
+              float(scale), _flat_out(grad_mu), _flat_out(grad_log_var))
+    chunks = _chunks(mu)
+    if chunks > 1:
+        _kl_backward_parallel(*arrays, chunks)
+    else:
+        _kl_backward(*arrays)
 
 
 _NO16_FLAT = np.zeros(1, dtype=np.uint16)
-
-
-def _parallel(param):
-    """prange only where oneMKL computes the products (float32): float64 products stay on
-    NumPy's BLAS, whose spinning threads a parallel kernel would fight."""
-    return PARALLEL and param.dtype == np.float32
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, apply=None,
@@ -775,12 +925,16 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, step, a
         return
     real = param.dtype.type
     beta1, beta2 = float(beta1), float(beta2)
-    kernel = _adam_parallel if _parallel(param) else _adam
     want16 = param16 is not None
-    kernel(_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
-           real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
-           real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)), real(eps),
-           _flat_out(param16) if want16 else _NO16_FLAT, want16)
+    arguments = (_flat_out(param), grad.reshape(-1), _flat_out(exp_avg), _flat_out(exp_avg_sq),
+                 real(beta1), real(1.0 - beta1), real(beta2), real(1.0 - beta2),
+                 real(lr / (1.0 - beta1**step)), real(1.0 / math.sqrt(1.0 - beta2**step)),
+                 real(eps), _flat_out(param16) if want16 else _NO16_FLAT, want16)
+    chunks = _chunks(param)
+    if chunks > 1:
+        _adam_parallel(*arguments, chunks)
+    else:
+        _adam(*arguments)
 
 
 def sgd_update(param, grad, velocity, lr, momentum, apply=None, param16=None):
@@ -789,7 +943,11 @@ def sgd_update(param, grad, velocity, lr, momentum, apply=None, param16=None):
     if apply is not None and not apply:
         return
     real = param.dtype.type
-    kernel = _sgd_parallel if _parallel(param) else _sgd
     want16 = param16 is not None
-    kernel(_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr), real(momentum),
-           _flat_out(param16) if want16 else _NO16_FLAT, want16)
+    arguments = (_flat_out(param), grad.reshape(-1), _flat_out(velocity), real(lr),
+                 real(momentum), _flat_out(param16) if want16 else _NO16_FLAT, want16)
+    chunks = _chunks(param)
+    if chunks > 1:
+        _sgd_parallel(*arguments, chunks)
+    else:
+        _sgd(*arguments)

@@ -38,13 +38,29 @@ LAYER_IDS = [f"{b}x{i}x{o}-{a}" for (b, i, o), a in LAYER_CASES]
 ELEMENTWISE_SHAPES = [(128, 784), (7, 13), (1, 1)]
 
 
+# "numba-chunked": numba with every float32 kernel cut into 3 spans shared among the threads
+# (more spans than this machine's cores, so spans of every size, empty ones included, and the
+# per-span sums are checked on the smallest shapes too).
+CHUNKED = "numba-chunked"
+CHUNKED_CASES = [CHUNKED] if "numba" in BACKENDS else []
+
+
 @pytest.fixture(
     scope="module",
-    params=BACKENDS or [pytest.param(None, marks=pytest.mark.skip(
+    params=BACKENDS + CHUNKED_CASES or [pytest.param(None, marks=pytest.mark.skip(
         reason="only the numpy reference backend is available here: nothing to compare"))],
 )
 def ops(request):
-    return kernels.load(request.param)
+    if request.param != CHUNKED:
+        yield kernels.load(request.param)
+        return
+    numba_ops = kernels.load("numba")
+    if not numba_ops.PARALLEL:
+        pytest.skip("numba's kernels are serial here (no oneMKL thread pool)")
+    chunks = numba_ops._chunks
+    numba_ops._chunks = lambda array: 3 if array.dtype == np.float32 else 1
+    yield numba_ops
+    numba_ops._chunks = chunks
 
 
 @pytest.fixture(params=DTYPES, ids=lambda dtype: dtype.__name__)

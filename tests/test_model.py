@@ -15,12 +15,13 @@ from fastvae.state import TrainState, load_model
 
 @pytest.mark.parametrize("overrides", [
     {},
+    {"gamma": 1.0},
     {"reconstruction": "feature", "feature_layer": 0},
     {"reconstruction": "feature", "activation": "tanh", "discriminator_activation": "leaky_relu"},
     {"mode": "vae"},
     {"kl_weight": 0.3},
     {"mode": "vae", "kl_weight": 2.5},
-], ids=["pixel", "feature", "feature-tanh-leaky", "vae", "kl-weight", "vae-kl-weight"])
+], ids=["pixel", "pixel-gamma-1", "feature", "feature-tanh-leaky", "vae", "kl-weight", "vae-kl-weight"])
 def test_each_networks_gradient_of_its_own_loss_matches_finite_differences(overrides):
     checks = gradcheck.model_checks(gradcheck.small_config(**overrides), seed=1)
     expected = 2 if overrides.get("mode") == "vae" else 3

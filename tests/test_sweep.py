@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +97,17 @@ def test_sweep_file_holds_settings_and_a_sweep_table(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         sweep.read_sweep_file(path)
 
+
+
+@pytest.mark.parametrize("path", ["docs/sweep.toml", "bench/sweep_speed.toml"])
+def test_the_shipped_sweep_files_are_valid_sweeps(path):
+    """The files the docs and bench/sweep_speed.sh run make a Config and a search space."""
+    root = Path(__file__).resolve().parents[1]
+    values, table = sweep.read_sweep_file(root / path)
+    settings = SweepSettings(Config(**values), table.pop("space"), (), **table)
+    assert settings.space and settings.config.backend == "numba"
+    if path.startswith("bench"):   # the speed-up needs trials of equal cost: gamma alone
+        assert [param.name for param in settings.space] == ["gamma"]
 
 def test_pareto_ranks_sort_fronts():
     points = [[1, 5], [2, 2], [5, 1], [3, 3], [4, 4], [2, 2]]
