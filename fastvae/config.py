@@ -27,10 +27,8 @@ class Config:
     latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
                                               # (16 sampled best in docs/evaluation.md's sweep)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
-    decoder_widths: tuple = (512, 1024)       # hidden layers of the decoder (sigmoid output)
-                                              # (wider than the encoder: better samples,
-                                              # docs/evaluation.md)
-    discriminator_widths: tuple = (256, 64)   # hidden layers of the discriminator (1 logit out)
+    decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
+    discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
     activation: str = "relu"                  # hidden activation of encoder and decoder
     discriminator_activation: str = "relu"    # hidden activation of the discriminator
     init: str = "he"                          # weight initialisation: he | glorot
