@@ -379,7 +379,7 @@ class TorchStep:
         self.backward(self.decoder, grad_dec, input_grad=False)
         grad_z = self.backward(self.decoder, grad_rec, rows=real, param_grads=False)
 
-        scale = 1.0 / batch
+        scale = self.config.kl_weight / batch  # the KL's weight in the encoder's loss
         grad_mu = torch.add(grad_z, mu, alpha=scale)
         grad_log_var = grad_z * noise * 0.5 * std + scale * 0.5 * (std * std - 1)
         grad_hidden = self.mu_head.backward(grad_mu)
@@ -387,7 +387,7 @@ class TorchStep:
         self.backward(self.encoder_body, grad_hidden, input_grad=False)
         return {"reconstruction": reconstruction, "adversarial": adversarial, "kl": kl,
                 "decoder": gamma * reconstruction + adversarial, "discriminator": d_loss,
-                "encoder": kl + reconstruction}
+                "encoder": self.config.kl_weight * kl + reconstruction}
 
     def train_step(self, x):
         with self.torch.no_grad():

@@ -93,7 +93,8 @@ class AutogradStep:
                   + labelled(d_out[2 * batch:], False, 0.5))
         adversarial = labelled(g_out[:batch], True, 0.5) + labelled(g_out[batch:], True, 0.5)
         return {"reconstruction": reconstruction, "kl": kl, "adversarial": adversarial,
-                "encoder": kl + reconstruction, "decoder": gamma * reconstruction + adversarial,
+                "encoder": self.config.kl_weight * kl + reconstruction,
+                "decoder": gamma * reconstruction + adversarial,
                 "discriminator": d_real + d_fake}
 
     def backward(self, losses):

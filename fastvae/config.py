@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fastvae.backend import ACTIVATIONS
 from fastvae.errors import ConfigError
+from fastvae.schedule import SCHEDULES
 
 RECONSTRUCTIONS = ("pixel", "feature")
 MODES = ("vaegan", "vae")
@@ -36,7 +37,8 @@ class Config:
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
     gamma: float = 1.0                        # weight of reconstruction vs adversarial in the
                                               # decoder (docs/method.md: the paper's is 2x)
-    kl_weight: float = 1.0                    # weight of the KL in the encoder's loss (beta)
+    kl_weight: float = 2.0                    # weight of the KL in the encoder's loss (beta;
+                                              # 2 samples better: docs/evaluation.md)
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
     lr_encoder: float = 5e-4                  # learning rate of the encoder's optimizer
@@ -45,6 +47,10 @@ class Config:
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
     betas_discriminator: tuple = (0.5, 0.999)  # the same, for the discriminator
+    lr_schedule: str = "cosine"               # constant | cosine | linear: each epoch trains at
+                                              # a fraction of lr_*, from 1 at the first epoch
+                                              # to lr_final at the last (the trainer sets it)
+    lr_final: float = 0.05                    # the schedule's last-epoch fraction of lr_*
     clip_grad_norm: float = 0.0               # clip each network's gradient to this L2 norm; 0: off
     gating: bool = False                      # Larsen's equilibrium gating: the discriminator skips
                                               # its update while its real or fake BCE is below
@@ -117,6 +123,10 @@ class Config:
              f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
             (bad_lr is None, bad_lr, f"learning rates must be positive (`{bad_lr}`)"),
             (bad_betas is None, bad_betas, f"betas must lie in [0, 1) (`{bad_betas}`)"),
+            (self.lr_schedule in SCHEDULES, "lr_schedule",
+             f"unknown lr_schedule {self.lr_schedule!r}: use {', '.join(SCHEDULES)}"),
+            (0 < self.lr_final <= 1, "lr_final",
+             "`lr_final` must lie in (0, 1]: the last epoch's fraction of the learning rates"),
             (self.clip_grad_norm >= 0, "clip_grad_norm",
              "`clip_grad_norm` must be non-negative (0 turns it off)"),
             (self.equilibrium > 0, "equilibrium", "`equilibrium` must be positive"),

@@ -99,7 +99,8 @@ def layer_checks(seed=0):
 def small_config(**overrides):
     """A model small enough for finite differences on every network."""
     values = dict(image_size=12, latent_dim=3, encoder_widths=(8,), decoder_widths=(7,),
-                  discriminator_widths=(9, 5), dtype="float64", gamma=0.7)
+                  discriminator_widths=(9, 5), dtype="float64", gamma=0.7,
+                  kl_weight=1.0)   # the unweighted KL (the default weighs it), 0.3 below
     values.update(overrides)
     return Config(**values)
 

@@ -43,6 +43,7 @@ class TrainState:
                                                params16.get(name))
                           for name in model.params}
         self.optimizers = optimizers
+        self.base_lr = {name: optimizer.lr for name, optimizer in optimizers.items()}
         self.clip_grad_norm = (config.clip_grad_norm if clip_grad_norm is None
                                else clip_grad_norm)
         if gating is None and getattr(config, "gating", False):
@@ -115,6 +116,18 @@ class TrainState:
             return counter
         self._host_steps[name] += 1
         return self._host_steps[name]
+
+    def scale_lr(self, factor):
+        """Train each network at `factor` x its optimizer's starting learning rate (the
+        learning-rate schedule's step; see fastvae.schedule). A recorded graph holds the rates
+        it was recorded with, so a changed rate records it again."""
+        rates = {name: base * factor for name, base in self.base_lr.items()}
+        if all(self.optimizers[name].lr == rate for name, rate in rates.items()):
+            return
+        for name, rate in rates.items():
+            self.optimizers[name].lr = rate
+        if self._graph is not None:
+            self.capture_graph(len(self._graph.x))
 
     def non_finite_networks(self):
         """Names of the networks with a NaN or infinite parameter (one host read each)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import data, metrics, rundir, viz
+from fastvae import data, metrics, rundir, schedule, viz
 from fastvae.errors import ConfigError, FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
@@ -251,6 +251,8 @@ class Trainer:
         done = partial.get("step", 0)
         sums, count = partial.get("sums", {}), partial.get("count", 0)
         epoch_sums = partial.get("epoch_sums", {})
+        self.state.scale_lr(schedule.lr_factor(self.config.lr_schedule, self.config.lr_final,
+                                               self.epoch, self.config.epochs))
         started = time.perf_counter() - partial.get("seconds", 0.0)
         batches = data.iterate_batches(self.train_images, batch_size, self.order_rng)
         bar = tqdm(itertools.islice(batches, done, None), initial=done, total=steps,

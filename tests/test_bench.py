@@ -85,10 +85,11 @@ def test_default_step_flops_scale_with_the_batch():
     names = [p.name for p in products]
     assert "discriminator.0 forward" in names
     first = products[names.index("discriminator.0 forward")]
-    assert (first.m, first.k, first.n) == (3 * 128, 784, 512)
+    width = config.discriminator_widths[0]
+    assert (first.m, first.k, first.n) == (3 * 128, 784, width)
     # the input gradient of the discriminator's first layer: the fake images only (2B rows)
     grad_inputs = [p for p in products if p.name == "discriminator.0 grad input"]
-    assert [(p.m, p.k, p.n, p.transpose_b) for p in grad_inputs] == [(256, 512, 784, True)]
+    assert [(p.m, p.k, p.n, p.transpose_b) for p in grad_inputs] == [(256, width, 784, True)]
 
 
 # ----- a synthetic pytest-benchmark report -----

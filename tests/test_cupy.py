@@ -785,6 +785,35 @@ def test_gated_captured_step_skips_the_same_updates_as_the_eager_one(emulated_gr
                                    rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_a_changed_learning_rate_records_the_graph_again(emulated_graphs):
+    """A graph holds the rates it recorded (Python floats baked into its launches), so the
+    schedule's scale_lr records a new one when a rate changes, and only then; the replayed
+    steps then follow the eager state at the new rates."""
+    config = small_graph_config()
+    eager = TrainState(VAEGAN(config, emulated_graphs))
+    captured = TrainState(VAEGAN(config, emulated_graphs)).capture_graph(16)
+    batches = np.random.default_rng(2).random((4, 16, config.image_size))
+    for index, batch in enumerate(batches):
+        if index == 2:
+            recorded = captured.graph
+            captured.scale_lr(1.0)
+            assert captured.graph is recorded          # the same rates: the same graph
+            eager.scale_lr(0.25)
+            captured.scale_lr(0.25)
+            assert captured.graph is not recorded      # new rates: recorded again
+        x = captured.backend.asarray(batch)
+        want = {k: float(to_host(v)) for k, v in eager.step(x).items()}
+        got = {k: float(to_host(v)) for k, v in captured.step(x).items()}
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert {name: opt.lr for name, opt in captured.optimizers.items()} == {
+        name: 0.25 * getattr(config, "lr_" + name) for name in captured.optimizers}
+    assert captured.steps == eager.steps == {name: 4 for name in eager.optimizers}
+    for name, params in eager.model.params.items():
+        np.testing.assert_allclose(to_host(captured.model.params[name]), to_host(params),
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_captured_step_needs_the_cupy_backend():
     with pytest.raises(ConfigError, match="CUDA graphs need the cupy backend"):
         TrainState(VAEGAN(small_graph_config(), "numpy")).capture_graph(8)

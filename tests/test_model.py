@@ -136,6 +136,9 @@ def test_unknown_backend_names_the_available_ones():
     ({"kl_weight": 0.0}, "kl_weight"),
     ({"equilibrium": 0.0}, "equilibrium"),
     ({"margin": -0.1}, "margin"),
+    ({"lr_schedule": "step"}, "unknown lr_schedule 'step'"),
+    ({"lr_final": 0.0}, "lr_final"),
+    ({"lr_final": 1.5}, "lr_final"),
 ])
 def test_invalid_settings_are_refused_by_name(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -12,6 +12,7 @@ from run_helpers import SMALL, SMALL_FLAGS, train_process, wait_for
 from fastvae import cli, rundir
 from fastvae.config import Config
 from fastvae.errors import ConfigError, TrainingError
+from fastvae.schedule import lr_factor
 from fastvae.state import TrainState
 from fastvae.state import read_checkpoint as read
 from fastvae.trainer import CHECKPOINT, METRICS, Trainer
@@ -53,7 +54,9 @@ def test_a_resume_may_lower_the_learning_rate_and_clip_and_the_run_records_it(tm
     _trainer(tmp_path, mnist_dir, epochs=1).fit()
     resumed = _trainer(tmp_path, mnist_dir, epochs=2, lr_encoder=1e-4, clip_grad_norm=5.0)
     resumed.fit(resume=True)
-    assert resumed.state.optimizers["encoder"].lr == 1e-4
+    assert resumed.state.base_lr["encoder"] == 1e-4   # the schedule's last epoch scales it
+    assert resumed.state.optimizers["encoder"].lr == 1e-4 * lr_factor(
+        Config().lr_schedule, Config().lr_final, 1, 2)
     header, _ = read(tmp_path / CHECKPOINT)
     changes = header["extra"]["setting_changes"]
     assert [(c["epoch"], c["setting"], c["from"], c["to"]) for c in changes] == [
