@@ -267,10 +267,17 @@ def _act_forward(x, out, code):
             out[i] = x[i]
 
 
+@_jit()
+def _span(size, chunks, c):
+    """The c-th of `chunks` near-equal slices of range(size): what one thread of a parallel
+    driver below works on (a slice keeps the view C-contiguous, so its loops vectorise)."""
+    return slice(c * size // chunks, (c + 1) * size // chunks)
+
+
 @_jit(parallel=True)
 def _act_forward_parallel(x, out, code, chunks):
     for c in prange(chunks):
-        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        span = _span(x.size, chunks, c)
         _act_forward(x[span], out[span], code)
 
 
@@ -310,7 +317,7 @@ def _act_backward(y, grad_out, out, code):
 @_jit(parallel=True)
 def _act_backward_parallel(y, grad_out, out, code, chunks):
     for c in prange(chunks):
-        span = slice(c * y.size // chunks, (c + 1) * y.size // chunks)
+        span = _span(y.size, chunks, c)
         _act_backward(y[span], grad_out[span], out[span], code)
 
 
@@ -437,7 +444,7 @@ def _backward_rows_parallel(grad_out, y, scratch, partial, code, scratch16, want
     """`_backward_rows` over all rows in len(partial) chunks, one partial sum row each."""
     n, chunks = grad_out.shape[0], partial.shape[0]
     for c in prange(chunks):
-        rows = slice(c * n // chunks, (c + 1) * n // chunks)
+        rows = _span(n, chunks, c)
         _backward_rows(grad_out[rows], y[rows], scratch[rows], partial[c], code,
                        scratch16[rows] if want16 else scratch16, want_weight, want16)
 
@@ -487,7 +494,7 @@ def _to_bf16(x, out):
 @_jit(parallel=True)
 def _to_bf16_parallel(x, out, chunks):
     for c in prange(chunks):
-        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        span = _span(x.size, chunks, c)
         _store_bf16(x[span], out[span])
 
 
@@ -625,7 +632,7 @@ def _sgd(param, grad, velocity, lr, momentum, param16, want16):
 def _bce_scalar_parallel(x, t, scale, grad, want_grad, partial):
     chunks = partial.size
     for c in prange(chunks):
-        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        span = _span(x.size, chunks, c)
         partial[c] = _bce_scalar(x[span], t, scale, grad[span] if want_grad else grad, want_grad)
     return _ordered_sum(partial)
 
@@ -634,7 +641,7 @@ def _bce_scalar_parallel(x, t, scale, grad, want_grad, partial):
 def _bce_array_parallel(x, target, scale, grad, want_grad, partial):
     chunks = partial.size
     for c in prange(chunks):
-        span = slice(c * x.size // chunks, (c + 1) * x.size // chunks)
+        span = _span(x.size, chunks, c)
         partial[c] = _bce_array(x[span], target[span], scale, grad[span] if want_grad else grad,
                                 want_grad)
     return _ordered_sum(partial)
@@ -644,7 +651,7 @@ def _bce_array_parallel(x, target, scale, grad, want_grad, partial):
 def _kl_forward_parallel(mu, log_var, eps, scale, z_out, partial):
     chunks = partial.size
     for c in prange(chunks):
-        span = slice(c * mu.size // chunks, (c + 1) * mu.size // chunks)
+        span = _span(mu.size, chunks, c)
         partial[c] = _kl_forward(mu[span], log_var[span], eps[span], scale, z_out[span])
     return _ordered_sum(partial)
 
@@ -652,7 +659,7 @@ def _kl_forward_parallel(mu, log_var, eps, scale, z_out, partial):
 @_jit(parallel=True)
 def _kl_backward_parallel(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var, chunks):
     for c in prange(chunks):
-        span = slice(c * mu.size // chunks, (c + 1) * mu.size // chunks)
+        span = _span(mu.size, chunks, c)
         _kl_backward(grad_z[span], mu[span], log_var[span], eps[span], scale, grad_mu[span],
                      grad_log_var[span])
 
@@ -661,7 +668,7 @@ def _kl_backward_parallel(grad_z, mu, log_var, eps, scale, grad_mu, grad_log_var
 def _adam_parallel(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
                    one_minus_beta2, step_size, inv_sqrt_correction2, eps, param16, want16, chunks):
     for c in prange(chunks):
-        span = slice(c * param.size // chunks, (c + 1) * param.size // chunks)
+        span = _span(param.size, chunks, c)
         _adam(param[span], grad[span], exp_avg[span], exp_avg_sq[span], beta1, one_minus_beta1,
               beta2, one_minus_beta2, step_size, inv_sqrt_correction2, eps,
               param16[span] if want16 else param16, want16)
@@ -670,7 +677,7 @@ def _adam_parallel(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, bet
 @_jit(parallel=True)
 def _sgd_parallel(param, grad, velocity, lr, momentum, param16, want16, chunks):
     for c in prange(chunks):
-        span = slice(c * param.size // chunks, (c + 1) * param.size // chunks)
+        span = _span(param.size, chunks, c)
         _sgd(param[span], grad[span], velocity[span], lr, momentum,
              param16[span] if want16 else param16, want16)
 
@@ -781,18 +788,12 @@ def dense_forward(x, weight, bias, activation, out, x16=None, weight16=None, out
     return out
 
 
-_ACCUMULATORS = {}
-
-
 def _accumulator(grad_bias):
-    """A float64 buffer for the bias-gradient sum (grad_bias itself when it is float64)."""
+    """A float64 buffer for the bias-gradient sum (grad_bias itself when it is float64): the
+    one-chunk case of the parallel pass's per-chunk sums."""
     if grad_bias.dtype == np.float64:
         return grad_bias
-    n = grad_bias.shape[0]
-    acc = _ACCUMULATORS.get(n)
-    if acc is None:
-        acc = _ACCUMULATORS[n] = np.empty(n, dtype=np.float64)
-    return acc
+    return _partial(1, grad_bias.shape[0])[0]
 
 
 def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, grad_in, scratch,
