@@ -12,7 +12,6 @@
 set -euo pipefail
 out=${1:-/tmp/sweep-speed}
 trials=${2:-8}
-fixed=(--backend numba --epochs 3 --train-limit 10000 --test-limit 2000)
 rm -rf "$out" && mkdir -p "$out"
 
 seconds() {   # wall seconds of a command, its output into $out/log
@@ -37,18 +36,29 @@ done
 
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 total=0
-while IFS=, read -r number flags; do
+while IFS=, read -r number flags evaluation; do
     # shellcheck disable=SC2086
-    train=$(seconds fastvae train "${fixed[@]}" $flags --quiet --run-dir "$out/train-$number")
+    train=$(seconds fastvae train $flags --quiet --run-dir "$out/train-$number")
+    # shellcheck disable=SC2086
     evaluate=$(seconds fastvae evaluate --checkpoint "$out/train-$number/checkpoint.npz" \
-                       --limit 2000 --samples 2000 --k 1 --kid-subsets 10)
+                       $evaluation)
     total=$(python3 -c "print($total + $train + $evaluate)")
-done < <(python3 - "$out/w1-t1/trials.csv" <<'EOF'
+done < <(python3 - "$out/w1-t1/trials.csv" bench/sweep_speed.toml <<'EOF'
+# Each done trial as "number,train flags,evaluate flags": the file's fixed settings with the
+# trial's swept values, and the sweep's own evaluation settings.
 import csv, sys
-swept = ("gamma",)
+from fastvae.sweep import SweepSettings, read_sweep_file
+fixed, table = read_sweep_file(sys.argv[2])
+settings = SweepSettings(space=table.pop("space"), **table)
+def flag(key, value):
+    return f"--{key.replace('_', '-')} {value}"
+evaluation = (f"--limit {settings.eval_images} --samples {settings.eval_images} "
+              f"--k {settings.eval_k} --kid-subsets {settings.kid_subsets}")
 for row in csv.DictReader(open(sys.argv[1])):
     if row["state"] == "done":
-        print(row["trial"] + "," + " ".join(f"--{k.replace('_', '-')} {row[k]}" for k in swept))
+        flags = [flag(k, v) for k, v in fixed.items()]
+        flags += [flag(p.name, row[p.name]) for p in settings.space]
+        print(f"{row['trial']},{' '.join(flags)},{evaluation}")
 EOF
 )
 line "fastvae train + fastvae evaluate, one by one, 1 thread" "$(printf %.1f "$total")"
