@@ -63,15 +63,22 @@ class Backend:
         precision = ", precision='bf16'" if self.bf16 else ""
         return f"Backend({self.name!r}, dtype={self.dtype.name!r}{precision})"
 
+    def _allocator(self, kind):
+        """The kernel module's own `empty`/`zeros` (numba: huge pages), else the array module's."""
+        own = getattr(self.ops, kind, None)
+        if own is not None:
+            return own
+        return lambda shape, dtype: getattr(self.xp, kind)(shape, dtype=dtype)
+
     def empty(self, shape):
-        return self.xp.empty(shape, dtype=self.dtype)
+        return self._allocator("empty")(shape, self.dtype)
 
     def empty16(self, shape):
         """An uninitialised bf16 array (uint16 bits) for the kernels' bf16 copies."""
-        return self.xp.empty(shape, dtype=np.uint16)
+        return self._allocator("empty")(shape, np.uint16)
 
     def zeros(self, shape):
-        return self.xp.zeros(shape, dtype=self.dtype)
+        return self._allocator("zeros")(shape, self.dtype)
 
     def asarray(self, array):
         """A host or device array as this backend's array of its dtype (no copy if it is one)."""

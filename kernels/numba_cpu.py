@@ -44,6 +44,7 @@ import numpy as np
 from . import ACTIVATION_CODES as _CODES
 from . import LEAKY_SLOPE
 from . import mkl as _mkl
+from .huge_pages import empty, zeros  # noqa: F401  (the backend allocates its arrays here)
 
 try:
     import numba
@@ -391,14 +392,6 @@ def _bias_act_rows(out, bias, code, out16, want16):
         _bias_act_row(out, bits, i, bias, code, out16, want16)
 
 
-@_jit(parallel=True)
-def _bias_act_rows_parallel(out, bias, code, out16, want16):
-    """`_bias_act_rows` with the rows shared among the threads."""
-    bits = out.view(np.uint32)
-    for i in prange(out.shape[0]):
-        _bias_act_row(out, bits, i, bias, code, out16, want16)
-
-
 @_jit()
 def _dense_forward_mkl(address, a, b, bias, out, code, out16, want16):
     """out = activation(a @ b + bias) (and its bf16 copy): the product, then one row pass."""
@@ -406,11 +399,16 @@ def _dense_forward_mkl(address, a, b, bias, out, code, out16, want16):
     _bias_act_rows(out, bias, code, out16, want16)
 
 
-@_jit()
+@_jit(parallel=True)
 def _dense_forward_mkl_parallel(address, a, b, bias, out, code, out16, want16):
-    """`_dense_forward_mkl` with the row pass shared among the threads."""
+    """`_dense_forward_mkl` with the row pass shared among the threads.
+
+    The prange is here, not in a parallel function called from here: a cached kernel that calls
+    a parallel kernel loaded from the cache segfaults in the next process (numba 0.68)."""
     _gemm(address, a, False, b, False, out)
-    _bias_act_rows_parallel(out, bias, code, out16, want16)
+    bits = out.view(np.uint32)
+    for i in prange(out.shape[0]):
+        _bias_act_row(out, bits, i, bias, code, out16, want16)
 
 
 @_jit()
@@ -425,28 +423,13 @@ def _backward_rows(grad_out, y, scratch, acc, code, scratch16, want_weight, want
     for i in range(grad_out.shape[0]):
         row = scratch[i]
         _act_backward(y[i], grad_out[i], row, code)
-        if want_weight and want16:
-            row_bits, row16 = bits[i], scratch16[i]
+        if want_weight:
             for j in range(m):
                 acc[j] += row[j]
-                row16[j] = _round_bf16(row_bits[j])
-        elif want_weight:
-            for j in range(m):
-                acc[j] += row[j]
-        elif want16:
+        if want16:  # a loop of its own: row and row_bits alias (see _bias_act_row)
             row_bits, row16 = bits[i], scratch16[i]
             for j in range(m):
                 row16[j] = _round_bf16(row_bits[j])
-
-
-@_jit(parallel=True)
-def _backward_rows_parallel(grad_out, y, scratch, partial, code, scratch16, want_weight, want16):
-    """`_backward_rows` over all rows in len(partial) chunks, one partial sum row each."""
-    n, chunks = grad_out.shape[0], partial.shape[0]
-    for c in prange(chunks):
-        rows = _span(n, chunks, c)
-        _backward_rows(grad_out[rows], y[rows], scratch[rows], partial[c], code,
-                       scratch16[rows] if want16 else scratch16, want_weight, want16)
 
 
 @_jit()
@@ -471,12 +454,18 @@ def _dense_backward_mkl(address, grad_out, y, scratch, acc, grad_bias, code, a, 
     _backward_products(address, a, b, g, grad_weight, want_weight, grad_in, want_in)
 
 
-@_jit()
+@_jit(parallel=True)
 def _dense_backward_mkl_parallel(address, grad_out, y, scratch, partial, grad_bias, code, a, b, g,
                                  scratch16, want16, grad_weight, want_weight, grad_in, want_in):
-    """`_dense_backward_mkl` with the row pass shared among the threads: each chunk of rows sums
-    into its own row of `partial`, added up in chunk order (the same sum whatever thread ran it)."""
-    _backward_rows_parallel(grad_out, y, scratch, partial, code, scratch16, want_weight, want16)
+    """`_dense_backward_mkl` with the row pass in len(partial) chunks shared among the threads:
+    each chunk of rows sums into its own row of `partial`, added up in chunk order (the same sum
+    whatever thread ran it). The prange is here for the reason `_dense_forward_mkl_parallel`
+    gives."""
+    n, chunks = grad_out.shape[0], partial.shape[0]
+    for c in prange(chunks):
+        rows = _span(n, chunks, c)
+        _backward_rows(grad_out[rows], y[rows], scratch[rows], partial[c], code,
+                       scratch16[rows] if want16 else scratch16, want_weight, want16)
     if want_weight:
         for j in range(grad_bias.size):
             total = 0.0
