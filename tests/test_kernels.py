@@ -221,6 +221,33 @@ def test_activations(ops, dtype, activation, shape):
     assert_close(in_place, want, dtype)
 
 
+@pytest.mark.skipif("numba" not in kernels.available(), reason="numba not installed")
+def test_numba_float32_exp_within_one_ulp():
+    """The float32 sigmoid and BCE rest on numba_cpu._exp32: 1 ulp from np.exp over its whole
+    normal range, exact 0 / inf / nan outside it, denormals within one step."""
+    import numba
+
+    from fastvae.kernels.numba_cpu import _exp32
+
+    @numba.njit
+    def exp32(x, out):
+        for i in range(x.size):
+            out[i] = _exp32(x[i])
+
+    x = np.concatenate([np.linspace(-110, 90, 400_001),
+                        [np.nan, -np.inf, np.inf, -1e4, 1e4]]).astype(np.float32)
+    got = np.empty_like(x)
+    exp32(x, got)
+    with np.errstate(over="ignore"):
+        want = np.exp(x.astype(np.float64)).astype(np.float32)
+    normal = np.isfinite(want) & (want >= np.finfo(np.float32).tiny)
+    ulps = np.abs(got[normal].view(np.int32).astype(np.int64) - want[normal].view(np.int32))
+    assert ulps.max() <= 1
+    tiny = np.isfinite(want) & ~normal
+    assert np.abs(got[tiny] - want[tiny]).max() <= np.finfo(np.float32).smallest_subnormal
+    np.testing.assert_array_equal(got[-5:], [np.nan, 0.0, np.inf, 0.0, np.inf])
+
+
 def test_extreme_activations(ops, dtype):
     x = np.array([[-1e4, -1e3, -100.0, -30.0, -1e-3, -0.0, 0.0, 1e-3, 30.0, 100.0, 1e3, 1e4]], dtype)
     for activation in kernels.ACTIVATIONS:
