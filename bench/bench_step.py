@@ -126,18 +126,24 @@ def make_operands(products, xp, dtype, seed=0):
 
 def onemkl_products(products, bf16, seed=0):
     """A function computing every product through the numba backend's oneMKL call, on stored
-    (C-contiguous) operands with transpose flags, as the backend calls it; and a check."""
+    (C-contiguous) operands with transpose flags, in the backend's own (huge-page) memory, as
+    the backend calls it; and a check."""
     ops = kernels.load("numba")
     rng = np.random.default_rng(seed)
+
+    def stored(shape):
+        values = rng.standard_normal(shape, dtype=np.float32)
+        if bf16:
+            return ops.to_bf16(values, ops.empty(shape, np.uint16))
+        array = ops.empty(shape, np.float32)
+        array[...] = values
+        return array
+
     operands = []
     for p in products:
-        a = rng.standard_normal((p.k, p.m) if p.transpose_a else (p.m, p.k), dtype=np.float32)
-        b = rng.standard_normal((p.n, p.k) if p.transpose_b else (p.k, p.n), dtype=np.float32)
-        if bf16:
-            a = ops.to_bf16(a, np.empty(a.shape, np.uint16))
-            b = ops.to_bf16(b, np.empty(b.shape, np.uint16))
-        operands.append((a, p.transpose_a, b, p.transpose_b,
-                         np.empty((p.m, p.n), dtype=np.float32)))
+        a = stored((p.k, p.m) if p.transpose_a else (p.m, p.k))
+        b = stored((p.n, p.k) if p.transpose_b else (p.k, p.n))
+        operands.append((a, p.transpose_a, b, p.transpose_b, ops.empty((p.m, p.n), np.float32)))
 
     def all_products():
         for a, transpose_a, b, transpose_b, out in operands:
