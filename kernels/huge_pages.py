@@ -4,7 +4,7 @@ state are allocated from.
 A step touches about 100 MB of arrays; on 4 KiB pages that is ~25,000 pages, far beyond the
 TLB, so every kernel's first pass over an array pays page walks. Carved out of 2 MiB-aligned
 anonymous regions advised with MADV_HUGEPAGE (Linux), the same arrays span ~50 pages and the
-batch-512 bf16 step runs 10-15 % faster (bench/step_time.py). Small arrays are packed into
+batch-512 bf16 step runs about 15 % faster (bench/step_time.py). Small arrays are packed into
 shared chunks, large ones get a region each. Memory is never reused: a chunk is unmapped when
 the last array carved from it is freed. Where the OS has no MADV_HUGEPAGE (macOS, Windows) or
 FASTVAE_HUGE_PAGES=off, arrays are plain `np.empty` ones.

@@ -568,13 +568,11 @@ def _to_bf16_parallel(x, out, chunks):
 
 
 # ----------------------------------------------------------------------------- losses
-# The BCE loops spell the per-element work out (no helper returning a tuple): LLVM then inlines
-# _exp and _log1p_atanh and vectorises the loop. One division serves both 1 / (1 + e) and
-# e / (2 + e), e = exp(-|v|) in (0, 1]; the loss is max(v, 0) - v t + log1p(e).
 @_jit(fastmath={"contract"})
 def _bce32(v, t):
-    """The loss term and sigmoid of one float32 logit v against target t, in float32 (this
-    helper does vectorise: 2x the float64 loops below on float32 arrays)."""
+    """The loss term max(v, 0) - v t + log1p(e) and the sigmoid of one float32 logit v against
+    target t, in float32, e = exp(-|v|) (this helper, unlike a float64 one, does vectorise: 2x
+    the float64 loops below on float32 arrays)."""
     e = _exp32(-abs(v))
     r = _F32(1.0) / ((_F32(1.0) + e) * (_F32(2.0) + e))
     loss = (v if v > 0 else _F32(0.0)) - v * t + _log1p_atanh32(e * (_F32(1.0) + e) * r)
@@ -609,6 +607,9 @@ def _bce32_scalar(x, t, scale, grad, want_grad):
     return scale * total
 
 
+# The float64 BCE loops spell the per-element work out (no helper returning a tuple): LLVM
+# then inlines _exp and _log1p_atanh and vectorises the loop. One division serves both
+# 1 / (1 + e) and e / (2 + e), e = exp(-|v|) in (0, 1]; the loss is max(v, 0) - v t + log1p(e).
 @_jit(fastmath={"reassoc"})
 def _bce_scalar(x, t, scale, grad, want_grad):
     if x.itemsize == 4:
