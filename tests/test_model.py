@@ -268,7 +268,12 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
         load_model(tmp_path / "other.npz")
 
     raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF                       # damage inside the zip: its CRC fails
+    with zipfile.ZipFile(path) as archive:           # damage an array's stored bytes: its CRC
+        entry = archive.getinfo("params/decoder.npy")  # fails (the middle of the file may fall
+    start = entry.header_offset                      # in a local header's unused extra field)
+    name_length, extra_length = int.from_bytes(raw[start + 26:start + 28], "little"), \
+        int.from_bytes(raw[start + 28:start + 30], "little")
+    raw[start + 30 + name_length + extra_length + entry.compress_size // 2] ^= 0xFF
     (tmp_path / "damaged.npz").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "damaged.npz")
