@@ -39,6 +39,9 @@ class Config:
                                               # decoder (docs/method.md: the paper's is 2x)
     kl_weight: float = 2.0                    # weight of the KL in the encoder's loss (beta;
                                               # 2 samples better: docs/evaluation.md)
+    real_label: float = 1.0                   # the discriminator's target for real images; below
+                                              # 1: one-sided label smoothing (Salimans et al.
+                                              # 2016: 0.9), the decoder's target stays 1
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
     lr_encoder: float = 5e-4                  # learning rate of the encoder's optimizer
@@ -119,6 +122,8 @@ class Config:
              f"`feature_layer` {self.feature_layer} is not a discriminator hidden layer"),
             (self.gamma >= 0, "gamma", "`gamma` must be non-negative"),
             (self.kl_weight > 0, "kl_weight", "`kl_weight` must be positive"),
+            (0.5 < self.real_label <= 1, "real_label",
+             "`real_label` must lie in (0.5, 1]: the discriminator's target for real images"),
             (self.optimizer in OPTIMIZERS, "optimizer",
              f"unknown optimizer {self.optimizer!r}: use adam or sgd"),
             (bad_lr is None, bad_lr, f"learning rates must be positive (`{bad_lr}`)"),

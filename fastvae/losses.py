@@ -21,12 +21,14 @@ def bce(logits, target, *, weight=1.0, grad_out=None, backend=None):
     return loss, grad_out
 
 
-def adversarial(logits, real, *, weight=1.0, grad_out=None, backend=None):
-    """BCE of the discriminator's logits against the label real (1) or fake (0).
+def adversarial(logits, real, *, weight=1.0, label=1.0, grad_out=None, backend=None):
+    """BCE of the discriminator's logits against the label real (`label`: 1, or below for
+    one-sided label smoothing) or fake (0).
 
     The generator's non-saturating loss is `adversarial(fake_logits, real=True)`.
     """
-    return bce(logits, 1.0 if real else 0.0, weight=weight, grad_out=grad_out, backend=backend)
+    return bce(logits, label if real else 0.0, weight=weight, grad_out=grad_out,
+               backend=backend)
 
 
 def squared_error(pred, target, *, weight=1.0, grad_out=None, backend=None):

@@ -173,7 +173,8 @@ class VAEGAN:
                                                     keep=(self._feature_tap(),))
 
         grad_d = self._buffer("grad_d", d_logits.shape)
-        d_real, _ = losses.adversarial(d_logits[real], True, grad_out=grad_d[real], backend=backend)
+        d_real, _ = losses.adversarial(d_logits[real], True, label=self.config.real_label,
+                                       grad_out=grad_d[real], backend=backend)
         d_recon, _ = losses.adversarial(d_logits[recon], False, weight=0.5,
                                         grad_out=grad_d[recon], backend=backend)
         d_prior, _ = losses.adversarial(d_logits[prior], False, weight=0.5,

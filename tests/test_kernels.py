@@ -268,13 +268,13 @@ def test_unknown_activation(ops):
 
 
 # ----------------------------------------------------------------------------- losses
-@pytest.mark.parametrize("target_kind", ["zero", "one", "array"])
+@pytest.mark.parametrize("target_kind", ["zero", "one", "smoothed", "array"])
 @pytest.mark.parametrize("with_grad", [True, False], ids=["grad", "no-grad"])
 @pytest.mark.parametrize("shape", [(128, 1), (128, 784), (7, 13), (1, 1)], ids=str)
 def test_bce_with_logits(ops, dtype, shape, target_kind, with_grad):
     rng = np.random.default_rng(5)
     logits = randn(rng, shape, dtype, 4.0)
-    target = {"zero": 0.0, "one": 1.0}.get(target_kind)
+    target = {"zero": 0.0, "one": 1.0, "smoothed": 0.9}.get(target_kind)
     if target is None:
         target = rng.random(shape).astype(dtype)
     scale = 1.0 / shape[0]

@@ -21,12 +21,32 @@ from fastvae.state import TrainState, load_model
     {"mode": "vae"},
     {"kl_weight": 0.3},
     {"mode": "vae", "kl_weight": 2.5},
-], ids=["pixel", "pixel-gamma-1", "feature", "feature-tanh-leaky", "vae", "kl-weight", "vae-kl-weight"])
+    {"real_label": 0.9},
+], ids=["pixel", "pixel-gamma-1", "feature", "feature-tanh-leaky", "vae", "kl-weight", "vae-kl-weight",
+        "real-label"])
 def test_each_networks_gradient_of_its_own_loss_matches_finite_differences(overrides):
     checks = gradcheck.model_checks(gradcheck.small_config(**overrides), seed=1)
     expected = 2 if overrides.get("mode") == "vae" else 3
     assert len(checks) == expected
     assert all(check.error < 1e-6 for check in checks), gradcheck.report(checks)
+
+
+def test_real_label_smooths_only_the_discriminators_real_target():
+    """BCE(l, t) = softplus(l) - l t, so a real label of 0.9 adds 0.1 x mean(real logits) to the
+    discriminator's loss and nothing to the decoder's or the encoder's."""
+    config = gradcheck.small_config()
+    rng = np.random.default_rng(0)
+    x = rng.random((6, config.image_size))
+    eps, prior_z = rng.standard_normal((2, 6, config.latent_dim))
+    losses = {}
+    for label in (1.0, 0.9):
+        model = VAEGAN(config.replace(real_label=label), Backend("numpy", "float64"))
+        losses[label] = model.compute_gradients(x, eps=eps, prior_z=prior_z)
+    probability = model.discriminate(x)
+    mean_logit = np.mean(np.log(probability) - np.log1p(-probability))
+    assert losses[0.9]["disc_real"] - losses[1.0]["disc_real"] == pytest.approx(0.1 * mean_logit)
+    for name in ("decoder", "encoder", "disc_fake"):
+        assert losses[0.9][name] == pytest.approx(losses[1.0][name], rel=1e-12)
 
 
 def test_adversarial_loss_never_reaches_the_encoder():
@@ -248,7 +268,12 @@ def test_corrupted_or_mismatched_checkpoints_are_refused(tmp_path):
         load_model(tmp_path / "other.npz")
 
     raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF                       # damage inside the zip: its CRC fails
+    with zipfile.ZipFile(path) as archive:           # damage an array's stored bytes: its CRC
+        entry = archive.getinfo("params/decoder.npy")  # fails (the middle of the file may fall
+    start = entry.header_offset                      # in a local header's unused extra field)
+    name_length, extra_length = int.from_bytes(raw[start + 26:start + 28], "little"), \
+        int.from_bytes(raw[start + 28:start + 30], "little")
+    raw[start + 30 + name_length + extra_length + entry.compress_size // 2] ^= 0xFF
     (tmp_path / "damaged.npz").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "damaged.npz")
