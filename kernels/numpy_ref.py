@@ -105,9 +105,10 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
     """Back through y = activation(x @ weight + bias): fills grad_weight, grad_bias, grad_in.
 
     `scratch` (shaped like grad_out) receives the gradient before the activation. With
-    `weight16`, the products read bf16 copies: scratch16 = bf16(scratch) is written, then
+    `weight16`, the products read bf16 copies: scratch16 = bf16(that gradient) is written, then
     grad_weight = x16.T @ scratch16 and grad_in = scratch16 @ weight16.T; grad_bias is the
-    float32 sum of scratch.
+    float32 sum of the unrounded gradient. With `weight16`, `scratch` is work space: what it
+    holds afterwards is left to the backend (here the gradient; numba writes its first row).
     """
     grad_pre = activation_backward(activation, y, grad_out, scratch)
     if weight16 is not None:
