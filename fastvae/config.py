@@ -44,9 +44,9 @@ class Config:
                                               # 2016: 0.9), the decoder's target stays 1
     # --- optimisation ---
     optimizer: str = "adam"                   # adam | sgd, one per network
-    lr_encoder: float = 1e-3                  # learning rate of the encoder's optimizer (1e-3
-                                              # reconstructs better: docs/evaluation.md)
-    lr_decoder: float = 1e-3                  # learning rate of the decoder's optimizer
+    lr_encoder: float = 2e-3                  # learning rate of the encoder's optimizer (2e-3
+                                              # samples best: docs/evaluation.md)
+    lr_decoder: float = 2e-3                  # learning rate of the decoder's optimizer
     lr_discriminator: float = 5e-4            # learning rate of the discriminator's optimizer
     betas_encoder: tuple = (0.5, 0.999)       # Adam betas; for SGD the first is the momentum
     betas_decoder: tuple = (0.5, 0.999)       # the same, for the decoder
