@@ -268,9 +268,10 @@ class Trainer:
                     epoch_sums[key] = epoch_sums.get(key, 0.0) + value * count
                 self.history.append({"epoch": self.epoch + step / steps, **means})
                 rate = step * batch_size / (time.perf_counter() - started)
-                bar.set_postfix(rec=f"{means['reconstruction']:.1f}", kl=f"{means['kl']:.1f}",
-                                disc=f"{means.get('discriminator', float('nan')):.3f}",
-                                img_s=f"{rate:.0f}")
+                shown = {"rec": f"{means['reconstruction']:.1f}", "kl": f"{means['kl']:.1f}"}
+                if "discriminator" in means:  # a plain VAE has none: no "disc=nan"
+                    shown["disc"] = f"{means['discriminator']:.3f}"
+                bar.set_postfix(**shown, img_s=f"{rate:.0f}")
                 sums, count = {}, 0
             if self.stop_requested and step < steps:
                 bar.close()

@@ -67,6 +67,15 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(tmp_path, mni
     assert strip(resumed) == strip(straight)
 
 
+@pytest.mark.parametrize("mode", ["vaegan", "vae"])
+def test_progress_bar_shows_the_discriminator_only_where_there_is_one(tmp_path, mnist_dir,
+                                                                     capsys, mode):
+    Trainer(small_config(epochs=1, mode=mode), tmp_path, mnist_dir, log_every=2).fit()
+    shown = capsys.readouterr().err
+    assert "rec=" in shown and ("disc=" in shown) == (mode == "vaegan")
+    assert "nan" not in shown
+
+
 def test_config_file_with_flag_override(tmp_path):
     settings = tmp_path / "run.toml"
     settings.write_text('latent_dim = 32\ngamma = 0.5\nencoder_widths = [300, 100]\n')
