@@ -6,7 +6,7 @@ TLB, so every kernel's first pass over an array pays page walks. Carved out of 2
 anonymous regions advised with MADV_HUGEPAGE (Linux), the same arrays span ~50 pages and the
 batch-512 bf16 step runs about 15 % faster (bench/step_time.py). Small arrays are packed into
 shared chunks, large ones get a region each. Memory is never reused: a chunk is unmapped when
-the last array carved from it is freed. Where the OS has no MADV_HUGEPAGE (macOS, Windows) or
+the last array carved from it is freed (8 and 32 MiB chunks measured the same step time). Where the OS has no MADV_HUGEPAGE (macOS, Windows) or
 FASTVAE_HUGE_PAGES=off, arrays are plain `np.empty` ones.
 """
 import ctypes
@@ -17,7 +17,8 @@ import threading
 import numpy as np
 
 HUGE_PAGE = 2 << 20
-CHUNK = 8 << 20      # bytes of one shared region for small arrays
+CHUNK = 2 << 20      # bytes of one shared region for small arrays: one huge page, so a chunk
+                     # that one live array keeps mapped holds at most 2 MiB
 ALIGN = 64           # bytes: a cache line, and a multiple of every dtype's size
 
 
