@@ -6,8 +6,9 @@ TLB, so every kernel's first pass over an array pays page walks. Carved out of 2
 anonymous regions advised with MADV_HUGEPAGE (Linux), the same arrays span ~50 pages and the
 batch-512 bf16 step runs about 15 % faster (bench/step_time.py). Small arrays are packed into
 shared chunks, large ones get a region each. Memory is never reused: a chunk is unmapped when
-the last array carved from it is freed (8 and 32 MiB chunks measured the same step time). Where the OS has no MADV_HUGEPAGE (macOS, Windows) or
-FASTVAE_HUGE_PAGES=off, arrays are plain `np.empty` ones.
+the last array carved from it is freed (2, 8 and 32 MiB chunks measured the same step time).
+Where the OS has no MADV_HUGEPAGE (macOS, Windows) or FASTVAE_HUGE_PAGES=off, arrays are plain
+`np.empty` ones.
 """
 import ctypes
 import mmap
