@@ -152,11 +152,13 @@ def cmd_evaluate(args):
     results = evaluate.evaluate_model(
         model, test, labels, digits, k=args.k, seed=args.seed, n_samples=args.samples,
         reference_images=train, kid_subsets=args.kid_subsets)
-    print(f"{args.checkpoint}: {len(test)} {dataset} test images, k = {args.k}")
+    print(f"{args.checkpoint}: {len(test)} {dataset} test images, k = {args.k}, samples "
+          f"from {model.prior.describe()}")
     print(evaluate.format_table(results))
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "dataset": dataset,
                   "images": len(test), "k": args.k, "seed": args.seed,
+                  "prior": model.prior.describe(),
                   "classifier": {"settings": dataclasses.asdict(digits.settings),
                                  **digits.info},
                   "metrics": results}

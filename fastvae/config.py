@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fastvae.backend import ACTIVATIONS
 from fastvae.errors import ConfigError
+from fastvae.prior import PRIORS
 from fastvae.schedule import SCHEDULES
 
 RECONSTRUCTIONS = ("pixel", "feature")
@@ -24,8 +25,8 @@ LENGTHS = {"betas_encoder": 2, "betas_decoder": 2, "betas_discriminator": 2}  # 
 class Config:
     # --- model ---
     image_size: int = 784                     # pixels per image (28 x 28 for MNIST)
-    latent_dim: int = 16                      # size of z, and of the mu and log-variance heads
-                                              # (16 sampled best in docs/evaluation.md's sweep)
+    latent_dim: int = 32                      # size of z, and of the mu and log-variance heads
+                                              # (32 with the mixture prior: docs/evaluation.md)
     encoder_widths: tuple = (512, 256)        # hidden layers of the encoder, before the two heads
     decoder_widths: tuple = (256, 512)        # hidden layers of the decoder (sigmoid output)
     discriminator_widths: tuple = (512, 128)  # hidden layers of the discriminator (1 logit out)
@@ -33,12 +34,19 @@ class Config:
     discriminator_activation: str = "relu"    # hidden activation of the discriminator
     init: str = "he"                          # weight initialisation: he | glorot
     mode: str = "vaegan"                      # vaegan, or vae (no discriminator) for comparison
+    prior: str = "mixture"                    # what decoded samples are drawn from: normal
+                                              # (N(0, I)), or mixture: a Gaussian mixture fitted
+                                              # after training to the posterior means of
+                                              # prior_images training images (fastvae.prior)
+    prior_components: int = 50                # components of the mixture prior
+    prior_images: int = 20000                 # training images the mixture is fitted to
     reconstruction: str = "pixel"             # pixel (BCE) or feature (Larsen's learned similarity)
     feature_layer: int = -1                   # discriminator hidden layer for feature similarity
     gamma: float = 1.0                        # weight of reconstruction vs adversarial in the
                                               # decoder (docs/method.md: the paper's is 2x)
-    kl_weight: float = 2.0                    # weight of the KL in the encoder's loss (beta;
-                                              # 2 samples better: docs/evaluation.md)
+    kl_weight: float = 0.25                   # weight of the KL in the encoder's loss (beta;
+                                              # 0.25 with the mixture prior reconstructs best:
+                                              # docs/evaluation.md)
     real_label: float = 1.0                   # the discriminator's target for real images; below
                                               # 1: one-sided label smoothing (Salimans et al.
                                               # 2016: 0.9), the decoder's target stays 1
@@ -114,6 +122,11 @@ class Config:
              f"{', '.join(ACTIVATIONS)}"),
             (self.init in ("he", "glorot"), "init", f"unknown init {self.init!r}: use he or glorot"),
             (self.mode in MODES, "mode", f"unknown mode {self.mode!r}: use vaegan or vae"),
+            (self.prior in PRIORS, "prior",
+             f"unknown prior {self.prior!r}: use {', '.join(PRIORS)}"),
+            (self.prior_components >= 1, "prior_components",
+             "`prior_components` must be at least 1"),
+            (self.prior_images >= 1, "prior_images", "`prior_images` must be at least 1"),
             (self.reconstruction in RECONSTRUCTIONS, "reconstruction",
              f"unknown reconstruction {self.reconstruction!r}: use pixel or feature"),
             (self.mode == "vaegan" or self.reconstruction == "pixel", "reconstruction",

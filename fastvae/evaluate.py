@@ -28,6 +28,7 @@ from fastvae.metrics import (
     gaussian_kl,
     reconstruction_errors,
 )
+from fastvae.prior import StandardNormal
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -45,6 +46,7 @@ METRICS = {
     "kid_reconstructions": "KID (unbiased MMD^2), test images vs reconstructions",
     "kid_reconstructions_std": "its standard deviation over subsets",
     "fid_samples": "Frechet distance, test images vs decoded prior samples",
+    "fid_samples_normal": "the same for decoded N(0, I) samples (the prior trained with)",
     "kid_samples": "KID, test images vs decoded prior samples",
     "kid_samples_std": "its standard deviation over subsets",
     "fid_train_images": "Frechet distance, test vs training images (the floor)",
@@ -53,6 +55,7 @@ METRICS = {
     "confident_real": "the same share for the test images (the ceiling)",
     "recognisable_samples": "share of prior samples with p >= 0.9 in real digits' region",
     "recognisable_real": "the same share for the test images (the ceiling)",
+    "recognisable_samples_normal": "the recognisable share of decoded N(0, I) samples",
     "sample_class_min": "smallest share of the samples that any digit gets (even: 0.1)",
     "sample_class_max": "largest share of the samples that any digit gets (even: 0.1)",
     **{f"sample_class_{digit}": f"share of the samples the classifier calls {digit}"
@@ -370,6 +373,16 @@ def evaluate_model(model, images, labels, classifier, k=100, seed=0, n_samples=N
     results["recognisable_real"] = float(np.mean(recognisable(real_probabilities, real, regions)))
     results.update(sample_class_metrics(classifier.probabilities(samples), features["samples"],
                                         regions))
+    if model.prior.kind == "normal":
+        results["fid_samples_normal"] = results["fid_samples"]
+        results["recognisable_samples_normal"] = results["recognisable_samples"]
+    else:
+        rng = np.random.default_rng(seed)
+        normal = model.decode(StandardNormal(model.config.latent_dim).sample(len(samples), rng))
+        normal_features = classifier.features(normal)
+        results["fid_samples_normal"] = frechet_distance(real, normal_features)
+        results["recognisable_samples_normal"] = float(np.mean(recognisable(
+            classifier.probabilities(normal), normal_features, regions)))
     return {key: results[key] for key in METRICS}
 
 

@@ -10,6 +10,7 @@ from fastvae import losses
 from fastvae.backend import resolve
 from fastvae.config import Config
 from fastvae.layers import Buffers, Linear, NeuralNetwork, Sigmoid, pack_bf16_weights, pack_parameters
+from fastvae.prior import StandardNormal
 
 NETWORKS = ("encoder", "decoder", "discriminator")
 
@@ -92,6 +93,7 @@ class VAEGAN:
         self.decoder = Decoder(self.config, rng, self.backend)
         self.discriminator = (Discriminator(self.config, rng, self.backend)
                               if self.config.mode == "vaegan" else None)
+        self.prior = StandardNormal(self.config.latent_dim)  # what `sample` draws z from
         linears = {"encoder": self.encoder.linears(), "decoder": self.decoder.linears()}
         if self.discriminator is not None:
             linears["discriminator"] = self.discriminator.linears()
@@ -274,9 +276,9 @@ class VAEGAN:
         return self.decode(mu, logits=logits)
 
     def sample(self, n, seed=None):
-        """`n` images decoded from prior samples z ~ N(0, I)."""
-        z = np.random.default_rng(seed).standard_normal((n, self.config.latent_dim))
-        return self.decode(z)
+        """`n` images decoded from samples of `self.prior`: N(0, I) until a mixture is fitted
+        (`fastvae.prior.fit_prior`)."""
+        return self.decode(self.prior.sample(n, np.random.default_rng(seed)))
 
     def discriminate(self, images):
         """The discriminator's probability that each image is real."""

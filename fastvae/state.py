@@ -17,6 +17,7 @@ from fastvae.errors import CheckpointError, ConfigError
 from fastvae.gating import equilibrium_masks
 from fastvae.model import VAEGAN
 from fastvae.optim import clip_norm, make_optimizer
+from fastvae.prior import from_arrays
 
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
@@ -155,6 +156,9 @@ class TrainState:
         """Every array of the training state, as NumPy, keyed by name."""
         to_numpy = self.backend.to_numpy
         arrays = {f"params/{name}": to_numpy(p) for name, p in self.model.params.items()}
+        prior = getattr(self.model, "prior", None)
+        arrays.update({f"prior/{key}": value for key, value in
+                       (prior.arrays() if prior is not None else {}).items()})
         for name, optimizer in self.optimizers.items():
             for key, value in optimizer.state().items():
                 arrays[f"optimizer/{name}/{key}"] = to_numpy(value)
@@ -180,6 +184,8 @@ class TrainState:
 
         The model must have the checkpoint's architecture."""
         for key, value in self.arrays().items():
+            if key.startswith("prior/"):   # a fitted prior is optional (see below)
+                continue
             if key not in arrays or arrays[key].shape != value.shape:
                 found = arrays[key].shape if key in arrays else "nothing"
                 raise CheckpointError(f"{path} does not fit this model: {key} should have "
@@ -200,6 +206,14 @@ class TrainState:
             prefix = f"optimizer/{name}/"
             optimizer.load_state({key[len(prefix):]: value for key, value in arrays.items()
                                   if key.startswith(prefix)})
+        if hasattr(self.model, "prior"):
+            try:
+                self.model.prior = from_arrays(self.model.config.latent_dim,
+                                               {key[len("prior/"):]: value for key, value in
+                                                arrays.items() if key.startswith("prior/")})
+            except (KeyError, ValueError, np.linalg.LinAlgError) as error:
+                raise CheckpointError(f"{path} holds an invalid prior ({error}): use another "
+                                      f"checkpoint") from error
         self.steps = header["step_counts"]   # the device counts too, where there are any
         self.backend.rng.bit_generator.state = header["noise_rng"]
         return header["extra"]

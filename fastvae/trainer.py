@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fastvae import data, metrics, rundir, schedule, viz
+from fastvae import data, metrics, prior, rundir, schedule, viz
 from fastvae.errors import ConfigError, FastvaeError, TrainingError
 from fastvae.files import write_atomic
 from fastvae.model import VAEGAN
+from fastvae.prior import StandardNormal
 from fastvae.state import TrainState, checkpoint_config, read_checkpoint
 
 CHECKPOINT = "checkpoint.npz"
@@ -93,12 +94,15 @@ class Trainer:
         if len(train) < self.config.batch_size:
             raise TrainingError(f"batch_size {self.config.batch_size} is larger than the "
                                 f"{len(train)} training images: lower `batch_size`")
+        fitted_on = min(len(train), self.config.prior_images)
+        if self.config.prior == "mixture" and fitted_on < self.config.prior_components:
+            raise TrainingError(f"the mixture prior's {self.config.prior_components} components "
+                                f"need at least as many training images, and it is fitted to "
+                                f"{fitted_on}: lower `prior_components` or use `prior` normal")
         backend = self.model.backend
         self.train_images = data.to_unit_float(train, backend.xp, backend.dtype)
         self.test_images = data.to_unit_float(test, np, "float64")
         self.shown = self.test_images[:SHOWN]
-        self.prior_z = np.random.default_rng(self.config.seed).standard_normal(
-            (SHOWN, self.config.latent_dim))
 
     def _model_bytes(self):
         """Memory of the model's parameters, gradients and two optimizer moments."""
@@ -203,10 +207,23 @@ class Trainer:
                 viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8,
                               title="real test images")
             with self._stop_on_signals():
+                fitted = self.model.prior.kind == "mixture" and self.partial is None
+                if self.epoch < self.config.epochs or self.config.prior == "normal":
+                    self.model.prior, fitted = StandardNormal(self.config.latent_dim), False
                 while self.epoch < self.config.epochs:
                     self.train_epoch()
                     self.write_outputs()
+                if self.config.prior == "mixture" and not fitted:
+                    self.fit_prior()
+                    self.write_outputs()
         return self.metrics
+
+    def fit_prior(self):
+        """After the last epoch: the mixture prior that samples are drawn from, fitted to the
+        posterior means of the first config.prior_images training images."""
+        images = self.model.backend.to_numpy(self.train_images[:self.config.prior_images])
+        prior.fit_prior(self.model, images, self.config.prior_components,
+                        seed=self.config.seed)
 
     def prepare_step(self):
         """On the cupy backend with noise drawn on the device (unless config.cuda_graph is
@@ -345,8 +362,9 @@ class Trainer:
         viz.save_comparison(out / "reconstructions.png", self.shown[:32],
                             model.reconstruct(self.shown[:32]), ncols=8,
                             title=f"test images and reconstructions, epoch {self.epoch}")
-        viz.save_grid(out / "samples.png", model.decode(self.prior_z), ncols=8,
-                      title=f"decoded prior samples, epoch {self.epoch}")
+        prior_name = "mixture prior" if model.prior.kind == "mixture" else "N(0, I)"
+        viz.save_grid(out / "samples.png", model.sample(SHOWN, seed=self.config.seed), ncols=8,
+                      title=f"decoded samples of the {prior_name}, epoch {self.epoch}")
         viz.save_rows(out / "interpolation.png", interpolation_rows(model, self.shown[:16]),
                       title="latent interpolation between test images")
         x = [h["epoch"] for h in self.history]

@@ -220,8 +220,10 @@ def test_every_setting_flag_explains_itself(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("--latent-dim LATENT_DIM size of z, and of the mu and log-variance heads (16 "
-            "sampled best in docs/evaluation.md's sweep) (default 16)") in text
+    assert ("--latent-dim LATENT_DIM size of z, and of the mu and log-variance heads (32 "
+            "with the mixture prior: docs/evaluation.md) (default 32)") in text
+    assert ("--prior PRIOR what decoded samples are drawn from: normal (N(0, I)), or mixture: a "
+            "Gaussian mixture fitted after training") in text
     assert "--lr-decoder LR_DECODER learning rate of the decoder's optimizer" in text
     assert "---" not in text
     comments = cli.field_comments()
