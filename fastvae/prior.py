@@ -34,9 +34,10 @@ class StandardNormal:
 
 class GaussianMixture:
     """A mixture of full-covariance Gaussians: `weights` (k,), `means` (k, d),
-    `covariances` (k, d, d)."""
+    `covariances` (k, d, d); `iterations` is how many EM iterations `fit_mixture` ran."""
 
     kind = "mixture"
+    iterations = 0
 
     def __init__(self, weights, means, covariances):
         self.weights = np.asarray(weights, np.float64)
@@ -141,10 +142,10 @@ def fit_mixture(points, components, seed=0, iterations=200, tolerance=1e-3, ridg
     return mixture
 
 
-def fit_prior(model, images, components, max_images=20000, seed=0):
-    """Fit a `components`-Gaussian mixture to the posterior means of the first `max_images`
-    of `images` and make it `model.prior`; returns it."""
-    mu, _ = model.encode(np.asarray(images)[:max_images])
+def fit_prior(model, images, components, seed=0):
+    """Fit a `components`-Gaussian mixture to the posterior means of `images` and make it
+    `model.prior` (what `model.sample` draws from); returns it."""
+    mu, _ = model.encode(np.asarray(images))
     model.prior = fit_mixture(mu, components, seed=seed)
     return model.prior
 
