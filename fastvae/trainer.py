@@ -207,13 +207,12 @@ class Trainer:
                 viz.save_grid(self.run_dir / "real.png", self.shown, ncols=8,
                               title="real test images")
             with self._stop_on_signals():
-                fitted = self.model.prior.kind == "mixture" and self.partial is None
                 if self.epoch < self.config.epochs or self.config.prior == "normal":
-                    self.model.prior, fitted = StandardNormal(self.config.latent_dim), False
+                    self.model.prior = StandardNormal(self.config.latent_dim)  # refitted below
                 while self.epoch < self.config.epochs:
                     self.train_epoch()
                     self.write_outputs()
-                if self.config.prior == "mixture" and not fitted:
+                if self.config.prior == "mixture" and self.model.prior.kind != "mixture":
                     self.fit_prior()
                     self.write_outputs()
         return self.metrics
