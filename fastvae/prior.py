@@ -59,8 +59,10 @@ class GaussianMixture:
 
     def log_density(self, points):
         """log p(x) of each row of `points`, (n,)."""
-        return _log_sum_exp(_component_log_densities(points, self.weights, self.means,
-                                                     self._cholesky))
+        points = np.asarray(points, np.float64)
+        terms = _log_density_terms(self.weights, self.means, self._cholesky)
+        return np.concatenate([_log_sum_exp(_log_joint(block, pairs, terms))
+                               for block, pairs in _PairBlocks(points, keep_bytes=0)])
 
     def arrays(self):
         return {"weights": self.weights, "means": self.means, "covariances": self.covariances}
@@ -69,38 +71,67 @@ class GaussianMixture:
         return f"a {len(self.weights)}-component Gaussian mixture fitted to the posterior means"
 
 
-def _component_log_densities(points, weights, means, cholesky, rows=1024):
-    """log w_j + log N(x | mean_j, L_j L_j^T) for every row and component, (n, k): per block
-    of `rows` points one product with every component's whitening matrix at once."""
-    points = np.asarray(points, np.float64)
+def _pair_products(points):
+    """x_i x_j for i <= j of each row, (n, d(d+1)/2): the quadratic features in which every
+    component's log density, and every second moment, is one matrix product."""
+    upper_rows, upper_cols = np.triu_indices(points.shape[1])
+    columns = points.T.copy()               # row gathers: ~4x faster than column gathers
+    return (columns[upper_rows] * columns[upper_cols]).T
+
+
+class _PairBlocks:
+    """Consecutive blocks of `rows` points with their pair products, iterated once per EM
+    iteration; the products of the first `keep_bytes` worth of blocks are kept, not redone."""
+
+    def __init__(self, points, rows=2048, keep_bytes=2**28):
+        self.blocks = [points[start:start + rows] for start in range(0, len(points), rows)]
+        self.kept, self.room = [], keep_bytes
+
+    def __iter__(self):
+        for index, block in enumerate(self.blocks):
+            if index < len(self.kept):
+                yield block, self.kept[index]
+                continue
+            pairs = _pair_products(block)
+            if index == len(self.kept) and pairs.nbytes <= self.room:
+                self.kept.append(pairs)
+                self.room -= pairs.nbytes
+            yield block, pairs
+
+
+def _log_density_terms(weights, means, cholesky):
+    """(quadratic (d(d+1)/2, k), linear (d, k), constant (k,)) such that log w_j +
+    log N(x | mean_j, L_j L_j^T) = constant_j + x . linear_j - pairs(x) . quadratic_j / 2."""
     k, dim = means.shape
-    whiten = np.linalg.inv(cholesky)                       # (k, d, d): L_j^-1
-    stacked = whiten.transpose(2, 0, 1).reshape(dim, k * dim)
-    shift = np.einsum("kij,kj->ki", whiten, means)
+    inverse = np.linalg.inv(cholesky)                           # L_j^-1
+    precision = inverse.transpose(0, 2, 1) @ inverse            # (L_j L_j^T)^-1
+    linear = np.einsum("kij,kj->ki", precision, means)
+    upper_rows, upper_cols = np.triu_indices(dim)
+    off_diagonal_twice = np.where(upper_rows == upper_cols, 1.0, 2.0)
+    quadratic = precision[:, upper_rows, upper_cols] * off_diagonal_twice
     constant = (np.log(weights) - np.log(np.diagonal(cholesky, axis1=1, axis2=2)).sum(1)
-                - 0.5 * dim * np.log(2 * np.pi))
-    out = np.empty((len(points), k))
-    for start in range(0, len(points), rows):
-        whitened = (points[start:start + rows] @ stacked).reshape(-1, k, dim) - shift
-        out[start:start + rows] = constant - 0.5 * np.einsum("nkd,nkd->nk", whitened, whitened)
-    return out
+                - 0.5 * dim * np.log(2 * np.pi) - 0.5 * np.einsum("ki,ki->k", linear, means))
+    return quadratic.T, linear.T, constant
 
 
-def _weighted_covariances(points, responsibilities, counts, means, rows=1024):
-    """Each component's covariance about its mean under the responsibilities, (k, d, d)."""
-    dim = points.shape[1]
-    second = np.zeros((len(counts), dim * dim))
-    for start in range(0, len(points), rows):
-        block = points[start:start + rows]
-        outer = (block[:, :, None] * block[:, None, :]).reshape(len(block), dim * dim)
-        second += responsibilities[start:start + rows].T @ outer
-    second = second.reshape(-1, dim, dim) / counts[:, None, None]
-    return second - means[:, :, None] * means[:, None, :]
+def _log_joint(points, pairs, terms):
+    """log w_j + log N(x | component j) for every row and component, (n, k)."""
+    quadratic, linear, constant = terms
+    return constant + points @ linear - 0.5 * (pairs @ quadratic)
 
 
 def _log_sum_exp(values):
     top = values.max(axis=1, keepdims=True)
     return top[:, 0] + np.log(np.exp(values - top).sum(axis=1))
+
+
+def _unpack_symmetric(upper, dim):
+    """(k, d(d+1)/2) upper triangles -> (k, d, d) symmetric matrices."""
+    upper_rows, upper_cols = np.triu_indices(dim)
+    out = np.zeros((len(upper), dim, dim))
+    out[:, upper_rows, upper_cols] = upper
+    out[:, upper_cols, upper_rows] = upper
+    return out
 
 
 def fit_mixture(points, components, seed=0, iterations=200, tolerance=1e-3, ridge=1e-6):
@@ -122,21 +153,26 @@ def fit_mixture(points, components, seed=0, iterations=200, tolerance=1e-3, ridg
     means = points[rng.choice(n, components, replace=False)]
     covariances = np.repeat((np.cov(points.T).reshape(dim, dim) + floor)[None], components, 0)
     weights = np.full(components, 1.0 / components)
+    blocks = _PairBlocks(points)
     previous, done = -np.inf, 0
     while done < iterations:
         done += 1
-        log_joint = _component_log_densities(points, weights, means,
-                                             np.linalg.cholesky(covariances))
-        log_likelihood = _log_sum_exp(log_joint)
-        responsibilities = np.exp(log_joint - log_likelihood[:, None])
-        counts = responsibilities.sum(axis=0) + 1e-12
-        weights = counts / n
-        means = responsibilities.T @ points / counts[:, None]
-        covariances = _weighted_covariances(points, responsibilities, counts, means) + floor
-        mean_log_likelihood = float(log_likelihood.mean())
-        if mean_log_likelihood - previous < tolerance:
+        terms = _log_density_terms(weights, means, np.linalg.cholesky(covariances))
+        counts, first, second, total = 1e-12, 0.0, 0.0, 0.0
+        for block, pairs in blocks:     # the E and M steps: every sum is over rows
+            log_joint = _log_joint(block, pairs, terms)
+            log_likelihood = _log_sum_exp(log_joint)
+            responsibilities = np.exp(log_joint - log_likelihood[:, None])
+            counts = counts + responsibilities.sum(axis=0)
+            first = first + responsibilities.T @ block
+            second = second + responsibilities.T @ pairs
+            total += float(log_likelihood.sum())
+        weights, means = counts / n, first / counts[:, None]
+        covariances = (_unpack_symmetric(second / counts[:, None], dim)
+                       - means[:, :, None] * means[:, None, :] + floor)
+        if total / n - previous < tolerance:
             break
-        previous = mean_log_likelihood
+        previous = total / n
     mixture = GaussianMixture(weights, means, covariances)
     mixture.iterations = done   # EM iterations run
     return mixture

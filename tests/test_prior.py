@@ -43,6 +43,19 @@ def test_log_density_is_the_weighted_sum_of_gaussian_densities():
     np.testing.assert_allclose(mixture.log_density(points), np.log(expected), rtol=1e-12)
 
 
+def test_pair_blocks_hold_each_rows_upper_triangle_kept_or_recomputed():
+    points = np.random.default_rng(4).normal(size=(10, 3))
+    rows, cols = np.triu_indices(3)
+    expected = np.einsum("ni,nj->nij", points, points)[:, rows, cols]
+    blocks = prior._PairBlocks(points, rows=4, keep_bytes=2 * 4 * 6 * 8 + 8)  # two of three
+    for _ in range(2):   # the second pass reads the kept blocks and recomputes the last
+        passes = list(blocks)
+        np.testing.assert_array_equal(np.concatenate([block for block, _ in passes]), points)
+        np.testing.assert_allclose(np.concatenate([pairs for _, pairs in passes]), expected,
+                                   rtol=1e-15)
+    assert len(blocks.kept) == 2
+
+
 def test_samples_follow_the_weights_means_and_covariances():
     samples = true_mixture().sample(60000, np.random.default_rng(3))
     nearest = np.argmin(((samples[:, None] - TRUE_MEANS) ** 2).sum(-1), axis=1)
