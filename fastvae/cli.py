@@ -37,6 +37,7 @@ def _add_config_flags(parser):
         default = field.default
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{comments.get(field.name, '')} (default {default!r})".strip()
+        help_text = help_text.replace("%", "%%")   # argparse %-formats help: "60 %" is text
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text,
                                default=argparse.SUPPRESS)
