@@ -81,22 +81,22 @@ def _pair_products(points):
 
 class _PairBlocks:
     """Consecutive blocks of `rows` points with their pair products, iterated once per EM
-    iteration; the products of the first `keep_bytes` worth of blocks are kept, not redone."""
+    iteration: the products of the first `keep_bytes` worth of blocks are made once and kept,
+    the rest's are made again on every pass."""
 
     def __init__(self, points, rows=2048, keep_bytes=2**28):
         self.blocks = [points[start:start + rows] for start in range(0, len(points), rows)]
-        self.kept, self.room = [], keep_bytes
+        pair_count = points.shape[1] * (points.shape[1] + 1) // 2
+        self.kept = []
+        for block in self.blocks:
+            keep_bytes -= len(block) * pair_count * block.itemsize
+            if keep_bytes < 0:
+                break
+            self.kept.append(_pair_products(block))
 
     def __iter__(self):
         for index, block in enumerate(self.blocks):
-            if index < len(self.kept):
-                yield block, self.kept[index]
-                continue
-            pairs = _pair_products(block)
-            if index == len(self.kept) and pairs.nbytes <= self.room:
-                self.kept.append(pairs)
-                self.room -= pairs.nbytes
-            yield block, pairs
+            yield block, (self.kept[index] if index < len(self.kept) else _pair_products(block))
 
 
 def _log_density_terms(weights, means, cholesky):
