@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from fastvae.logspace import log_mean_exp
 from fastvae.metrics import (
     as_unit_images,
     bernoulli_log_likelihood,
@@ -100,15 +101,6 @@ def log_importance_weights(model, images, eps, max_rows=4096):
         logits = decoder_logits(model, z[part], max_rows).reshape(-1, k, images.shape[1])
         log_px[part] = bernoulli_log_likelihood(images[part, None, :], logits)
     return log_px + log_prior - log_q
-
-
-def log_mean_exp(values, axis=-1):
-    """log(mean(exp(values))) along `axis`, in float64, shifted by the maximum (no overflow)."""
-    values = np.asarray(values, dtype=np.float64)
-    top = np.max(values, axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    result = np.log(np.mean(np.exp(values - top), axis=axis, keepdims=True)) + top
-    return np.squeeze(result, axis=axis)
 
 
 def importance_weighted_nll(model, images, k=100, seed=0, eps=None, max_rows=4096):

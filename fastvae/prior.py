@@ -10,6 +10,7 @@ decoded N(0, I) samples.
 import numpy as np
 
 from fastvae.errors import ConfigError
+from fastvae.logspace import log_mean_exp
 
 PRIORS = ("normal", "mixture")
 
@@ -61,7 +62,9 @@ class GaussianMixture:
         """log p(x) of each row of `points`, (n,)."""
         points = np.asarray(points, np.float64)
         terms = _log_density_terms(self.weights, self.means, self._cholesky)
-        return np.concatenate([_log_sum_exp(_log_joint(block, pairs, terms))
+        log_components = np.log(len(self.weights))   # the sum is k times the mean
+        return np.concatenate([log_mean_exp(_log_joint(block, pairs, terms), axis=1)
+                               + log_components
                                for block, pairs in _PairBlocks(points, keep_bytes=0)])
 
     def arrays(self):
@@ -120,11 +123,6 @@ def _log_joint(points, pairs, terms):
     return constant + points @ linear - 0.5 * (pairs @ quadratic)
 
 
-def _log_sum_exp(values):
-    top = values.max(axis=1, keepdims=True)
-    return top[:, 0] + np.log(np.exp(values - top).sum(axis=1))
-
-
 def _unpack_symmetric(upper, dim):
     """(k, d(d+1)/2) upper triangles -> (k, d, d) symmetric matrices."""
     upper_rows, upper_cols = np.triu_indices(dim)
@@ -153,7 +151,7 @@ def fit_mixture(points, components, seed=0, iterations=200, tolerance=1e-3, ridg
     means = points[rng.choice(n, components, replace=False)]
     covariances = np.repeat((np.cov(points.T).reshape(dim, dim) + floor)[None], components, 0)
     weights = np.full(components, 1.0 / components)
-    blocks = _PairBlocks(points)
+    blocks, log_components = _PairBlocks(points), np.log(components)  # sum: k x mean
     previous, done = -np.inf, 0
     while done < iterations:
         done += 1
@@ -161,7 +159,7 @@ def fit_mixture(points, components, seed=0, iterations=200, tolerance=1e-3, ridg
         counts, first, second, total = 1e-12, 0.0, 0.0, 0.0
         for block, pairs in blocks:     # the E and M steps: every sum is over rows
             log_joint = _log_joint(block, pairs, terms)
-            log_likelihood = _log_sum_exp(log_joint)
+            log_likelihood = log_mean_exp(log_joint, axis=1) + log_components
             responsibilities = np.exp(log_joint - log_likelihood[:, None])
             counts = counts + responsibilities.sum(axis=0)
             first = first + responsibilities.T @ block
