@@ -937,7 +937,7 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
             kernel = _dense_backward_mkl
             acc = _accumulator(grad_bias) if want_weight else _ACCUMULATOR_NONE
         kernel(address, grad_out, y, scratch, acc,
-               grad_bias if want_weight else _NO_BIAS[grad_out.dtype.type], code, a, b, g,
+               grad_bias if want_weight else _NO_BIAS, code, a, b, g,
                scratch16 if bf16 else _NO16, bf16,
                grad_weight if want_weight else scratch, want_weight,
                grad_in if grad_in is not None else scratch, grad_in is not None)
@@ -954,9 +954,9 @@ def dense_backward(grad_out, x, y, weight, activation, grad_weight, grad_bias, g
 
 
 _ACCUMULATOR_NONE = np.zeros(1, dtype=np.float64)
-# stand-ins for grad_bias when none is wanted, of the dtype a real one has: one compiled
-# signature of each backward kernel, not two (a parallel one costs ~3 s to compile)
-_NO_BIAS = {dtype: np.zeros(1, dtype) for dtype in (np.float32, np.float64)}
+# the stand-in for grad_bias when none is wanted, float32 as a real one is on the oneMKL path:
+# one compiled signature of each backward kernel, not two (a parallel one costs ~3 s to compile)
+_NO_BIAS = np.zeros(1, dtype=np.float32)
 
 
 def matmul(a, b, out, transpose_a=False, transpose_b=False):
